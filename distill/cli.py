@@ -1,0 +1,249 @@
+"""The ``distill`` command line. Each command: load and validate the config, call the stage,
+print a summary. Errors the user can fix print one line per problem and exit non-zero."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable
+from datetime import datetime, timezone
+from functools import wraps
+from pathlib import Path
+from typing import Any
+
+import click
+
+from distill import __version__
+from distill.errors import DistillError
+
+log = logging.getLogger("distill")
+
+
+def handle_errors(function: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn a DistillError into its message on stderr and its exit code, without a traceback."""
+
+    @wraps(function)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return function(*args, **kwargs)
+        except DistillError as exc:
+            for line in str(exc).splitlines() or ["error"]:
+                click.echo(f"error: {line}", err=True)
+            sys.exit(exc.exit_code)
+
+    return wrapper
+
+
+config_option = click.option(
+    "-c",
+    "--config",
+    "config_path",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="YAML config file (see examples/).",
+)
+set_option = click.option(
+    "--set",
+    "overrides",
+    multiple=True,
+    metavar="FIELD.PATH=VALUE",
+    help="Override a config field, e.g. --set teacher.temperature=0.2 (repeatable).",
+)
+
+
+@click.group()
+@click.version_option(__version__, prog_name="distill")
+@click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")
+def cli(verbose: int) -> None:
+    """distill: turn a teacher LLM into training data and a better student model, and measure
+    how much the student really learned."""
+    if _plugin_error is not None:
+        click.echo(f"error: {_plugin_error}", err=True)
+        sys.exit(_plugin_error.exit_code)
+    level = os.environ.get("DISTILL_LOG_LEVEL") or ["WARNING", "INFO", "DEBUG"][min(verbose, 2)]
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+@cli.command()
+@click.argument("prompts", nargs=-1)
+@config_option
+@set_option
+@click.option("--teacher", "backend", help="Teacher backend (openai, vllm, transformers or a plugin's).")
+@click.option("--model", help="Model: bundled alias, local HF directory, hub id, or served model name.")
+@click.option("--temperature", type=float, help="Sampling temperature (0 = greedy).")
+@click.option("--max-tokens", type=int, help="Most new tokens per answer.")
+@click.option("--system", "system_prompt", help="System message before each prompt.")
+@click.option(
+    "--json-schema",
+    "json_schema",
+    type=click.Path(exists=True, path_type=Path),
+    help="Constrain answers to the JSON schema in this file.",
+)
+@click.option("--logprobs", type=int, default=None, help="Return logprobs with this many alternatives per token.")
+@click.option("--run-dir", type=click.Path(path_type=Path), help="Also save answers.jsonl and manifest.json here.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON result per line instead of text.")
+@handle_errors
+def ask(
+    prompts: tuple[str, ...],
+    config_path: Path | None,
+    overrides: tuple[str, ...],
+    backend: str | None,
+    model: str | None,
+    temperature: float | None,
+    max_tokens: int | None,
+    system_prompt: str | None,
+    json_schema: Path | None,
+    logprobs: int | None,
+    run_dir: Path | None,
+    as_json: bool,
+) -> None:
+    """Ask the teacher PROMPTS (or the config's ask.prompts) and print the answers.
+
+    \b
+    distill ask "What is the capital of France?"
+    distill ask --teacher vllm --model smollm2-135m-instruct "Name three primes."
+    distill ask --teacher openai --model gpt-4o-mini "Hi"     # needs OPENAI_API_KEY
+    distill ask -c examples/quickstart.yaml
+    """
+    from distill.config import config_dump, load_config
+    from distill.teacher import load_teacher, raise_on_fatal
+
+    flags = {
+        "teacher.backend": backend,
+        "teacher.model": model,
+        "teacher.temperature": temperature,
+        "teacher.max_tokens": max_tokens,
+        "teacher.system_prompt": system_prompt,
+        "run_dir": run_dir,
+    }
+    config = load_config(config_path, [*overrides, *(f"{k}={v}" for k, v in flags.items() if v is not None)])
+    questions = list(prompts) or config.ask.prompts
+    if not questions:
+        raise DistillError("nothing to ask: give prompts as arguments or list them in ask.prompts")
+    extra: dict[str, Any] = {}
+    if json_schema is not None:
+        try:
+            extra["response_format"] = json.loads(json_schema.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise DistillError(f"--json-schema {json_schema}: not a JSON file ({exc})") from None
+    if logprobs is not None:
+        extra.update(logprobs=True, top_logprobs=logprobs)
+    requests = [config.teacher.request(question, **extra) for question in questions]
+
+    with load_teacher(config.teacher) as teacher:
+        results = teacher.generate(requests)
+    if config.run_dir is not None:
+        _save_answers(config.run_dir, config_dump(config), requests, results)
+    for question, result in zip(questions, results):
+        if as_json:
+            click.echo(result.model_dump_json())
+        elif result.ok:
+            click.echo(f"> {question}\n{result.text.strip()}\n")
+        else:
+            click.echo(f"> {question}\n[failed: {result.error.message}]\n")  # type: ignore[union-attr]
+    raise_on_fatal(results)
+    failed = sum(not r.ok for r in results)
+    if failed:
+        raise DistillError(f"{failed} of {len(results)} requests failed (see above)")
+
+
+def _save_answers(run_dir: Path, config: dict[str, Any], requests: list[Any], results: list[Any]) -> None:
+    from distill.records import ChatRequest, ChatResult
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with (run_dir / "answers.jsonl").open("a", encoding="utf-8") as out:
+        for request, result in zip(requests, results):
+            assert isinstance(request, ChatRequest) and isinstance(result, ChatResult)
+            out.write(json.dumps({"request": request.model_dump(), "result": result.model_dump()}) + "\n")
+    manifest = {
+        "command": " ".join(["distill", *sys.argv[1:]]),
+        "created": datetime.now(timezone.utc).isoformat(),
+        "distill_version": __version__,
+        "config": config,
+    }
+    (run_dir / "manifest.json").write_text(json.dumps(manifest, indent=2), encoding="utf-8")
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@handle_errors
+def plugins(as_json: bool) -> None:
+    """List loaded plugins and what each registered."""
+    from distill.plugins import describe_plugins
+
+    described = describe_plugins()
+    if as_json:
+        click.echo(json.dumps(described, indent=2))
+        return
+    for entry in described:
+        origin = "built-in" if entry["builtin"] else entry.get("package", "installed")
+        click.echo(f"{entry['name']} ({origin})")
+        for kind in ("teachers", "judges", "tasks"):
+            if entry.get(kind):
+                click.echo(f"  {kind}: {', '.join(entry[kind])}")
+        click.echo(f"  hooks: {', '.join(entry['hooks'])}")
+
+
+@cli.group()
+def models() -> None:
+    """Bundled models: list them, prepare (convert and verify) them."""
+
+
+@models.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def models_list(as_json: bool) -> None:
+    """List the bundled model aliases and whether each is prepared."""
+    from distill.models import list_models
+
+    rows = list_models()
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    for row in rows:
+        state = "prepared" if row["prepared"] else "not prepared"
+        click.echo(f"{row['alias']:<24} {state:<13} {row['description']}  [{row['licence']}]")
+
+
+@models.command("prepare")
+@click.argument("aliases", nargs=-1, required=True)
+@click.option("--force", is_flag=True, help="Convert again even if prepared.")
+@handle_errors
+def models_prepare(aliases: tuple[str, ...], force: bool) -> None:
+    """Convert bundled GGUF models into verified HF directories under $DISTILL_HOME/models.
+
+    ALIASES: names from `distill models list`, or `all`.
+    """
+    from distill.models import BUNDLED, METADATA_FILE, prepare
+
+    names = list(BUNDLED) if aliases == ("all",) else list(aliases)
+    for alias in names:
+        path = prepare(alias, force=force)
+        check = json.loads((path / METADATA_FILE).read_text())["verification"]
+        click.echo(
+            f"{alias}: {path} (max |Δlogit| vs GGUF load {check['max_abs_logit_diff']:.2e}, "
+            f"tolerance {check['tolerance']:.0e})"
+        )
+
+
+def _register_plugin_commands() -> DistillError | None:
+    """Let plugins add commands; a broken plugin setup is reported when the CLI runs, not at import."""
+    try:
+        from distill.plugins import pm
+
+        pm.hook.register_commands(cli=cli)
+    except DistillError as exc:
+        return exc
+    return None
+
+
+_plugin_error = _register_plugin_commands()
+
+
+def main() -> None:
+    cli()
+
+
+if __name__ == "__main__":
+    main()

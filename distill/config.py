@@ -1,0 +1,227 @@
+"""Configuration: pydantic models for every stage, loaded from YAML, overridable from the CLI.
+
+Validation happens once, before any work: every problem becomes one line
+``field.path: what is allowed, got VALUE`` in a ``ConfigError``. Teacher options are validated
+against the options model of the chosen teacher plugin, so plugins get the same treatment.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from distill.errors import ConfigError
+from distill.records import ChatRequest, Message
+
+
+def distill_home() -> Path:
+    """Where prepared models and caches live: ``$DISTILL_HOME``, default ``~/.cache/distill``."""
+    return Path(os.environ.get("DISTILL_HOME") or Path.home() / ".cache" / "distill").expanduser()
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class TeacherConfig(StrictModel):
+    """Which teacher answers, and its default sampling settings."""
+
+    backend: str = Field(
+        "transformers", description="Teacher plugin name: openai, vllm, transformers or an installed plugin's."
+    )
+    model: str = Field(
+        "smollm2-135m-instruct",
+        description="Bundled alias (see `distill models list`), a local HF directory or a hub id; "
+        "for the openai backend, the model name the server knows.",
+    )
+    temperature: float = Field(0.0, ge=0, le=2, description="Sampling temperature; 0 is greedy.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass.")
+    max_tokens: int = Field(256, ge=1, le=65536, description="Most new tokens per answer.")
+    seed: int | None = Field(None, description="Sampling seed passed with each request, where honoured.")
+    system_prompt: str | None = Field(None, description="System message put before every prompt.")
+    options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Backend-specific options, validated by the backend's options model "
+        "(see the README section of each teacher).",
+    )
+
+    def request(self, prompt: str, **overrides: Any) -> ChatRequest:
+        """A ChatRequest for one user prompt with this config's sampling settings."""
+        messages = [Message(role="user", content=prompt)]
+        if self.system_prompt:
+            messages.insert(0, Message(role="system", content=self.system_prompt))
+        settings: dict[str, Any] = {
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "max_tokens": self.max_tokens,
+            "seed": self.seed,
+        }
+        settings.update(overrides)
+        return ChatRequest(messages=messages, **settings)
+
+
+class AskConfig(StrictModel):
+    """`distill ask`: prompts for a quick check of a teacher."""
+
+    prompts: list[str] = Field(
+        default_factory=list, description="Prompts asked when none are given on the command line."
+    )
+
+
+class DistillConfig(StrictModel):
+    """A whole distill configuration file."""
+
+    run_dir: Path | None = Field(None, description="Directory for this run's outputs (created if missing).")
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig, description="The teacher model.")
+    ask: AskConfig = Field(default_factory=AskConfig, description="Settings of `distill ask`.")
+
+
+# Loading ---------------------------------------------------------------------------------------
+
+
+def load_config(path: Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> DistillConfig:
+    """Read YAML (if given), apply ``a.b=value`` overrides, validate everything, or raise ConfigError."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        data = _read_yaml(Path(path))
+    problems: list[str] = []
+    for override in overrides:
+        problem = apply_override(data, override)
+        if problem:
+            problems.append(problem)
+    if problems:
+        raise ConfigError(problems)
+    try:
+        config = DistillConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, DistillConfig)) from None
+    check_plugins(config)
+    return config
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError([f"{path}: config file not found"])
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError([f"{path}: not UTF-8 text; save the config as UTF-8"]) from None
+    except yaml.YAMLError as exc:
+        where = getattr(exc, "problem_mark", None)
+        line = f" (line {where.line + 1})" if where is not None else ""
+        raise ConfigError([f"{path}{line}: not valid YAML: {getattr(exc, 'problem', exc)}"]) from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError([f"{path}: the top level must be a mapping of sections, got {type(data).__name__}"])
+    return data
+
+
+def apply_override(data: dict[str, Any], override: str) -> str | None:
+    """Set ``a.b.c=value`` (value parsed as YAML) in ``data``; return a problem line or None."""
+    key, sep, raw_value = override.partition("=")
+    if not sep or not key.strip():
+        return f"--set {override!r}: expected FIELD.PATH=VALUE, e.g. teacher.temperature=0.2"
+    try:
+        value = yaml.safe_load(raw_value) if raw_value.strip() else ""
+    except yaml.YAMLError:
+        value = raw_value
+    node = data
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            return f"--set {override!r}: {part} is not a section"
+        node = child
+    node[parts[-1]] = value
+    return None
+
+
+def check_plugins(config: DistillConfig) -> None:
+    """Check plugin names and validate plugin options; raise ConfigError listing every problem."""
+    from distill.plugins import get_teachers
+
+    teachers = get_teachers()
+    backend = config.teacher.backend
+    if backend not in teachers:
+        raise ConfigError([f"teacher.backend: {teachers.unknown(backend)}"])
+    options_model = teachers[backend].options_model
+    try:
+        options_model.model_validate(config.teacher.options)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, options_model, prefix="teacher.options")) from None
+
+
+# Error messages --------------------------------------------------------------------------------
+
+_TYPE_NAMES = {
+    "int": "an integer",
+    "float": "a number",
+    "bool": "true or false",
+    "string": "a string",
+    "list": "a list",
+    "dict": "a mapping",
+    "model": "a mapping",
+}
+
+
+def format_validation_error(exc: ValidationError, model: type[BaseModel], prefix: str = "") -> list[str]:
+    """Turn a pydantic error into one line per problem: ``path: what is allowed, got VALUE``."""
+    lines = []
+    for error in exc.errors():
+        loc = [str(part) for part in error["loc"]]
+        path = ".".join([prefix, *loc] if prefix else loc) or "(top level)"
+        lines.append(f"{path}: {_describe(error, model)}")
+    return lines
+
+
+def _describe(error: Any, model: type[BaseModel]) -> str:
+    kind: str = error["type"]
+    ctx = error.get("ctx") or {}
+    got = error.get("input")
+    if kind == "extra_forbidden":
+        allowed = _fields_at(model, error["loc"][:-1])
+        hint = f"unknown field; allowed: {', '.join(allowed)}" if allowed else "unknown field"
+        if str(error["loc"][-1]).lower() in {"api_key", "key", "token", "secret"}:
+            hint += "; never put secrets in a config: name an environment variable instead (api_key_env)"
+        return hint
+    if kind == "missing":
+        return "required, but missing"
+    bounds = {"less_than_equal": "<=", "less_than": "<", "greater_than_equal": ">=", "greater_than": ">"}
+    if kind in bounds:
+        bound = next(iter(ctx.values()))
+        return f"must be {bounds[kind]} {bound}, got {_show(got)}"
+    if kind in {"too_short", "too_long"}:
+        return f"{error['msg'].lower()}, got {_show(got)}"
+    if kind == "literal_error":
+        return f"must be one of {ctx.get('expected')}, got {_show(got)}"
+    for type_name, words in _TYPE_NAMES.items():
+        if kind.startswith(type_name + "_") or kind == f"{type_name}_type":
+            return f"must be {words}, got {_show(got)}"
+    return f"{error['msg']}, got {_show(got)}"
+
+
+def _show(value: Any) -> str:
+    text = repr(value) if isinstance(value, str) else str(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _fields_at(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """Field names of the (sub)model at ``loc``, for 'allowed:' hints."""
+    current: Any = model
+    for part in loc:
+        field = getattr(current, "model_fields", {}).get(part)
+        if field is None:
+            return []
+        current = field.annotation
+    fields = getattr(current, "model_fields", None)
+    return sorted(fields) if fields else []
+
+
+def config_dump(config: DistillConfig) -> dict[str, Any]:
+    """The config as JSON-able data, for manifests. It holds no secrets: keys live only in env vars."""
+    return config.model_dump(mode="json")

@@ -1,0 +1,54 @@
+"""The hooks a distill plugin can implement.
+
+A plugin is a module (or object) with functions decorated by ``@distill.hookimpl`` whose names
+match the specs below. Built-in backends in ``plugins/`` use exactly these hooks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import click
+import pluggy
+
+hookspec = pluggy.HookspecMarker("distill")
+
+
+@hookspec
+def register_teachers(register: Callable[[type[Any]], None]) -> None:
+    """Register teacher backends.
+
+    Called once, the first time distill needs the list of teachers (``distill ask``,
+    ``distill plugins``, config validation). Call ``register(TeacherClass)`` for each backend;
+    the class subclasses ``distill.teacher.Teacher`` and sets ``name`` (what users write in
+    ``teacher.backend``), ``options_model`` (a pydantic model of its ``teacher.options``) and
+    implements ``generate(requests) -> results``.
+    """
+
+
+@hookspec
+def register_judges(register: Callable[[type[Any]], None]) -> None:
+    """Register judges.
+
+    Called once, the first time distill needs the list of judges. Call ``register(JudgeClass)``
+    for each judge; the class sets ``name`` and turns (prompt, response) items into judgements.
+    """
+
+
+@hookspec
+def register_tasks(register: Callable[[type[Any]], None]) -> None:
+    """Register evaluation tasks.
+
+    Called once, the first time distill needs the list of tasks. Call ``register(TaskClass)``
+    for each task; the class sets ``name``, yields held-out questions and scores predictions.
+    """
+
+
+@hookspec
+def register_commands(cli: click.Group) -> None:
+    """Add commands to the ``distill`` command line.
+
+    Called once when the CLI module is imported, with the top-level click group. Decorate new
+    commands with ``@cli.command()`` (or add groups with ``@cli.group()``).
+    """

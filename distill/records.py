@@ -1,0 +1,109 @@
+"""The records that cross stage and plugin boundaries. Stages exchange these as JSONL rows."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Role = Literal["system", "user", "assistant"]
+
+
+class Record(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Message(Record):
+    role: Role = Field(description="Who speaks: system, user or assistant.")
+    content: str = Field(description="The text of the message.")
+
+
+class ChatRequest(Record):
+    """One chat completion request. ``id`` is stable: the same content gives the same id."""
+
+    id: str = Field("", description="Stable request id; filled from the content when empty.")
+    messages: list[Message] = Field(min_length=1, description="The conversation to continue.")
+    temperature: float = Field(0.0, ge=0, le=2, description="Sampling temperature; 0 is greedy.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass.")
+    max_tokens: int = Field(256, ge=1, description="Most new tokens per completion.")
+    n: int = Field(1, ge=1, description="Completions to sample for this request.")
+    seed: int | None = Field(None, description="Sampling seed, where the backend honours one.")
+    stop: list[str] = Field(default_factory=list, description="Strings that end a completion.")
+    response_format: dict[str, Any] | None = Field(
+        None, description="A JSON schema the answer must follow (backends that support it)."
+    )
+    logprobs: bool = Field(False, description="Return the log-probability of each generated token.")
+    top_logprobs: int = Field(0, ge=0, le=20, description="Also return this many alternatives per token.")
+
+    def model_post_init(self, __context: Any) -> None:
+        if not self.id:
+            self.id = self.content_hash()
+
+    def content_hash(self) -> str:
+        """A hash of everything that changes the answer (not the id itself)."""
+        payload = self.model_dump(exclude={"id"})
+        blob = json.dumps(payload, sort_keys=True, ensure_ascii=False).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+class TokenLogprob(Record):
+    token: str = Field(description="The generated token's text.")
+    logprob: float = Field(description="Its natural-log probability.")
+    top: dict[str, float] = Field(default_factory=dict, description="Alternatives: token text → logprob.")
+
+
+class Usage(Record):
+    prompt_tokens: int = Field(0, description="Tokens in the prompt.")
+    completion_tokens: int = Field(0, description="Tokens generated, over all completions.")
+
+
+ErrorKind = Literal[
+    "rate_limited",
+    "server_error",
+    "timeout",
+    "connection",
+    "bad_request",
+    "auth",
+    "not_found",
+    "unsupported",
+    "engine",
+    "cancelled",
+]
+
+
+class TeacherFailure(Record):
+    """Why a request produced no completion. Kept with the raw text so nothing is lost silently."""
+
+    kind: ErrorKind = Field(description="Category of the failure.")
+    message: str = Field(description="What went wrong and, where known, what to do.")
+    status_code: int | None = Field(None, description="HTTP status, for HTTP backends.")
+    raw: str | None = Field(None, description="Raw response body or exception text.")
+    attempts: int = Field(1, description="How many times the request was tried.")
+    fatal: bool = Field(False, description="True when retrying or continuing cannot help (fix config).")
+
+
+class ChatResult(Record):
+    """The answer to one ChatRequest: texts, or a failure; never both empty without a reason."""
+
+    request_id: str = Field(description="The id of the request this answers.")
+    backend: str = Field(description="Teacher backend that produced it.")
+    model: str = Field(description="Model name as the backend knows it.")
+    texts: list[str] = Field(default_factory=list, description="One text per completion (n).")
+    finish_reasons: list[str] = Field(default_factory=list, description="'stop' or 'length' per completion.")
+    logprobs: list[list[TokenLogprob]] | None = Field(None, description="Per completion, per token.")
+    usage: Usage = Field(default_factory=Usage, description="Token counts.")
+    latency_s: float = Field(0.0, description="Wall time from send to answer, retries included.")
+    error: TeacherFailure | None = Field(None, description="Set when no completion was produced.")
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    @property
+    def text(self) -> str:
+        """The first completion; raises if the request failed (check ``ok`` first)."""
+        if self.error is not None:
+            raise ValueError(f"request {self.request_id} failed: {self.error.message}")
+        return self.texts[0]

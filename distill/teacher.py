@@ -1,0 +1,99 @@
+"""The Teacher interface: a batch of ChatRequests in, one ChatResult per request out.
+
+A backend never raises for a problem with one request: the result carries a ``TeacherFailure``
+instead, so the rest of the batch is kept. A failure with ``fatal=True`` (bad key, unknown
+model, bad request) means continuing is pointless; ``raise_on_fatal`` turns it into a
+``TeacherError`` for callers that stop the run.
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict
+
+from distill.errors import TeacherError
+from distill.records import ChatRequest, ChatResult, TeacherFailure
+
+
+class NoOptions(BaseModel):
+    """A backend without options."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class Teacher(ABC):
+    """Base class for teacher backends registered through ``register_teachers``."""
+
+    name: ClassVar[str]
+    """What users write in ``teacher.backend``."""
+    description: ClassVar[str] = ""
+    options_model: ClassVar[type[BaseModel]] = NoOptions
+    """Pydantic model validating ``teacher.options`` (use ``extra="forbid"``)."""
+    supports_response_format: ClassVar[bool] = False
+    """Whether ``ChatRequest.response_format`` (JSON schema) is enforced by this backend."""
+    supports_logprobs: ClassVar[bool] = False
+
+    def __init__(self, model: str, options: BaseModel):
+        """``model`` is what the user wrote; backends with local weights resolve it themselves
+        with ``distill.models.resolve_model``."""
+        self.model = model
+        self.options = options
+
+    @abstractmethod
+    def generate(self, requests: list[ChatRequest]) -> list[ChatResult]:
+        """Answer every request, in order. Never raise for a per-request problem."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook, most backends have nothing to free
+        """Free the model, the engine or the connection pool."""
+
+    def __enter__(self) -> Teacher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # Helpers shared by backends.
+
+    def unsupported(self, request: ChatRequest) -> TeacherFailure | None:
+        """A failure for a request that asks for something this backend can't do, else None."""
+        if request.response_format is not None and not self.supports_response_format:
+            return TeacherFailure(
+                kind="unsupported",
+                fatal=True,
+                message=f"teacher '{self.name}' cannot enforce a JSON-schema response_format; "
+                "use the openai or vllm teacher, or drop response_format",
+            )
+        if request.logprobs and not self.supports_logprobs:
+            return TeacherFailure(
+                kind="unsupported", fatal=True, message=f"teacher '{self.name}' cannot return logprobs"
+            )
+        return None
+
+    def failed(self, request: ChatRequest, failure: TeacherFailure, started: float) -> ChatResult:
+        return ChatResult(
+            request_id=request.id,
+            backend=self.name,
+            model=self.model,
+            error=failure,
+            latency_s=time.perf_counter() - started,
+        )
+
+
+def raise_on_fatal(results: list[ChatResult]) -> list[ChatResult]:
+    """Raise ``TeacherError`` with the first fatal failure's message; else return the results."""
+    for result in results:
+        if result.error is not None and result.error.fatal:
+            raise TeacherError(result.error.message)
+    return results
+
+
+def load_teacher(config: Any) -> Teacher:
+    """Build the teacher a validated ``TeacherConfig`` names (its options already validated)."""
+    from distill.plugins import get_teachers
+
+    teacher_class = get_teachers()[config.backend]
+    options = teacher_class.options_model.model_validate(config.options)
+    return teacher_class(model=config.model, options=options)

@@ -1,0 +1,349 @@
+"""The ``openai`` teacher: the official async client against OpenAI or any OpenAI-compatible
+server (vLLM, llama.cpp, ...). Bounded concurrency, requests/min and tokens/min limits, retries
+with exponential backoff that honour ``retry-after``, a timeout that can't be turned off, and
+fail-fast on errors that retrying can't fix (400/401/403/404/422).
+
+The API key is read from the environment variable named in ``api_key_env`` when the client is
+built; it is never stored on the teacher, in options, results, logs or error texts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import email.utils
+import logging
+import os
+import random
+import threading
+import time
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+import openai
+from pydantic import BaseModel, ConfigDict, Field
+
+import distill
+from distill.errors import TeacherError
+from distill.records import ChatRequest, ChatResult, TeacherFailure, TokenLogprob, Usage
+from distill.teacher import Teacher
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+RETRYABLE_STATUS = {408, 409, 429, 500, 502, 503, 504}
+
+
+class OpenAIOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    base_url: str | None = Field(
+        None, description="Server URL ending in /v1, e.g. http://127.0.0.1:8000/v1; empty for OpenAI."
+    )
+    api_key_env: str | None = Field(
+        "OPENAI_API_KEY",
+        description="Name of the environment variable holding the API key (never the key itself); "
+        "null for a local server that needs no key.",
+    )
+    max_concurrency: int = Field(16, ge=1, le=1024, description="Requests in flight at once.")
+    requests_per_minute: float | None = Field(
+        None, gt=0, description="Most requests sent in any 60 s window, retries included; null: no limit."
+    )
+    tokens_per_minute: float | None = Field(
+        None, gt=0, description="Most tokens (prompt estimate + max_tokens × n) in any 60 s window; null: no limit."
+    )
+    max_retries: int = Field(5, ge=0, le=50, description="Retries of a failed request (429, 5xx, timeouts, resets).")
+    timeout_s: float = Field(120.0, gt=0, le=3600, description="Per-attempt timeout; cannot be disabled.")
+    backoff_initial_s: float = Field(1.0, gt=0, description="First retry delay; doubles each retry, with jitter.")
+    backoff_max_s: float = Field(60.0, gt=0, description="Longest retry delay (a longer retry-after is honoured).")
+    extra_body: dict[str, Any] = Field(
+        default_factory=dict, description="Extra JSON fields sent with each request (server-specific)."
+    )
+
+
+class SlidingWindowLimiter:
+    """At most ``limit`` units in any ``window_s`` seconds. Units are recorded when admitted."""
+
+    def __init__(self, limit: float, window_s: float = 60.0):
+        self.limit = limit
+        self.window_s = window_s
+        self.events: collections.deque[tuple[float, float]] = collections.deque()
+        self.lock = asyncio.Lock()
+
+    async def acquire(self, units: float = 1.0) -> None:
+        units = min(units, self.limit)  # a single request larger than the limit still goes, alone
+        async with self.lock:
+            while True:
+                now = time.monotonic()
+                while self.events and self.events[0][0] <= now - self.window_s:
+                    self.events.popleft()
+                used = sum(amount for _, amount in self.events)
+                if used + units <= self.limit:
+                    self.events.append((now, units))
+                    return
+                # Wait until enough of the window has expired to admit this request.
+                freed, wait_until = 0.0, now
+                for stamp, amount in self.events:
+                    freed += amount
+                    wait_until = stamp + self.window_s
+                    if used - freed + units <= self.limit:
+                        break
+                await asyncio.sleep(max(wait_until - now, 0.01))
+
+
+def run_sync(coroutine: Coroutine[Any, Any, T]) -> T:
+    """Run a coroutine from sync code, also when an event loop already runs (notebooks)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coroutine)
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["value"] = asyncio.run(coroutine)
+        except BaseException as exc:  # re-raised in the caller's thread
+            box["error"] = exc
+
+    thread = threading.Thread(target=target)
+    thread.start()
+    thread.join()
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+def retry_after_seconds(headers: Any) -> float | None:
+    """The server's requested wait from ``retry-after-ms`` or ``retry-after`` (seconds or a date)."""
+    if headers is None:
+        return None
+    value = headers.get("retry-after-ms")
+    if value:
+        try:
+            return float(value) / 1000
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if not value:
+        return None
+    try:
+        return max(float(value), 0.0)
+    except ValueError:
+        parsed = email.utils.parsedate_to_datetime(value) if value else None
+        return max(parsed.timestamp() - time.time(), 0.0) if parsed else None
+
+
+class OpenAITeacher(Teacher):
+    name = "openai"
+    description = "OpenAI API or any OpenAI-compatible server (vLLM, llama.cpp) via the official async client"
+    options_model = OpenAIOptions
+    supports_response_format = True
+    supports_logprobs = True
+
+    options: OpenAIOptions
+
+    def __init__(self, model: str, options: BaseModel):
+        super().__init__(model, options)
+        self._check_key()
+
+    def _check_key(self) -> None:
+        env = self.options.api_key_env
+        if env and not os.environ.get(env):
+            raise TeacherError(
+                f"teacher.options.api_key_env: environment variable {env} is not set; export it with "
+                "your API key, or set api_key_env: null for a local server that needs no key"
+            )
+
+    def _client(self) -> openai.AsyncOpenAI:
+        env = self.options.api_key_env
+        key = os.environ.get(env, "") if env else "not-needed"
+        return openai.AsyncOpenAI(
+            api_key=key,
+            base_url=self.options.base_url,
+            timeout=self.options.timeout_s,
+            max_retries=0,  # retries are ours: we honour retry-after and count attempts
+        )
+
+    def generate(self, requests: list[ChatRequest]) -> list[ChatResult]:
+        return run_sync(self.agenerate(requests))
+
+    async def agenerate(self, requests: list[ChatRequest]) -> list[ChatResult]:
+        """Answer all requests concurrently; results in request order."""
+        options = self.options
+        semaphore = asyncio.Semaphore(options.max_concurrency)
+        rpm = SlidingWindowLimiter(options.requests_per_minute) if options.requests_per_minute else None
+        tpm = SlidingWindowLimiter(options.tokens_per_minute) if options.tokens_per_minute else None
+        abort: list[TeacherFailure] = []  # the first fatal failure stops new sends
+        async with self._client() as client:
+
+            async def one(request: ChatRequest) -> ChatResult:
+                async with semaphore:
+                    return await self._answer(client, request, rpm, tpm, abort)
+
+            return list(await asyncio.gather(*(one(request) for request in requests)))
+
+    async def _answer(
+        self,
+        client: openai.AsyncOpenAI,
+        request: ChatRequest,
+        rpm: SlidingWindowLimiter | None,
+        tpm: SlidingWindowLimiter | None,
+        abort: list[TeacherFailure],
+    ) -> ChatResult:
+        started = time.perf_counter()
+        if (failure := self.unsupported(request)) is not None:
+            return self.failed(request, failure, started)
+        estimated_tokens = sum(len(m.content) for m in request.messages) / 4 + request.max_tokens * request.n
+        attempt = 0
+        while True:
+            if abort:
+                cancelled = abort[0].model_copy(update={"kind": "cancelled", "attempts": attempt})
+                return self.failed(request, cancelled, started)
+            attempt += 1
+            if rpm is not None:
+                await rpm.acquire(1)
+            if tpm is not None:
+                await tpm.acquire(estimated_tokens)
+            if abort:
+                continue
+            try:
+                response = await client.chat.completions.create(**self._payload(request))
+                return self._result(request, response, started)
+            except Exception as exc:  # classified below; nothing escapes and loses the batch
+                failure, wait = self._classify(exc, attempt)
+            if failure.fatal:
+                if failure.kind == "not_found":
+                    failure = failure.model_copy(update={"message": await self._not_found_hint(client)})
+                abort.append(failure)
+                return self.failed(request, failure, started)
+            if attempt > self.options.max_retries:
+                failure = failure.model_copy(
+                    update={"message": f"{failure.message} (gave up after {attempt} attempts)"}
+                )
+                return self.failed(request, failure, started)
+            log.info("request %s: %s; retry %d in %.1fs", request.id, failure.kind, attempt, wait)
+            await asyncio.sleep(wait)
+
+    def _payload(self, request: ChatRequest) -> dict[str, Any]:
+        payload: dict[str, Any] = {
+            "model": self.model,
+            "messages": [m.model_dump() for m in request.messages],
+            "temperature": request.temperature,
+            "top_p": request.top_p,
+            "max_tokens": request.max_tokens,
+            "n": request.n,
+        }
+        if request.seed is not None:
+            payload["seed"] = request.seed
+        if request.stop:
+            payload["stop"] = request.stop
+        if request.response_format is not None:
+            payload["response_format"] = {
+                "type": "json_schema",
+                "json_schema": {"name": "response", "schema": request.response_format, "strict": True},
+            }
+        if request.logprobs:
+            payload["logprobs"] = True
+            if request.top_logprobs:
+                payload["top_logprobs"] = request.top_logprobs
+        if self.options.extra_body:
+            payload["extra_body"] = self.options.extra_body
+        return payload
+
+    def _result(self, request: ChatRequest, response: Any, started: float) -> ChatResult:
+        choices = sorted(response.choices, key=lambda choice: choice.index)
+        logprobs = None
+        if request.logprobs:
+            logprobs = [
+                [
+                    TokenLogprob(
+                        token=item.token,
+                        logprob=item.logprob,
+                        top={alt.token: alt.logprob for alt in (item.top_logprobs or [])},
+                    )
+                    for item in ((choice.logprobs.content if choice.logprobs else None) or [])
+                ]
+                for choice in choices
+            ]
+        usage = response.usage
+        return ChatResult(
+            request_id=request.id,
+            backend=self.name,
+            model=self.model,
+            texts=[choice.message.content or "" for choice in choices],
+            finish_reasons=[choice.finish_reason or "stop" for choice in choices],
+            logprobs=logprobs,
+            usage=Usage(
+                prompt_tokens=usage.prompt_tokens if usage else 0,
+                completion_tokens=usage.completion_tokens if usage else 0,
+            ),
+            latency_s=time.perf_counter() - started,
+        )
+
+    def _classify(self, exc: Exception, attempt: int) -> tuple[TeacherFailure, float]:
+        """A failure record for an exception, and how long to wait before retrying it."""
+        backoff = min(self.options.backoff_initial_s * 2 ** (attempt - 1), self.options.backoff_max_s)
+        backoff *= random.uniform(0.75, 1.25)
+        if isinstance(exc, openai.APITimeoutError):
+            return TeacherFailure(
+                kind="timeout", message=f"no answer within {self.options.timeout_s}s", attempts=attempt
+            ), backoff
+        if isinstance(exc, openai.APIConnectionError):
+            return TeacherFailure(
+                kind="connection",
+                message=f"cannot reach {self._where()}: {exc}",
+                raw=repr(exc.__cause__ or exc),
+                attempts=attempt,
+            ), backoff
+        if isinstance(exc, openai.APIStatusError):
+            status = exc.status_code
+            raw = self._redact(exc.response.text if exc.response is not None else str(exc))
+            if status in RETRYABLE_STATUS:
+                kind = "rate_limited" if status == 429 else "server_error"
+                wait = retry_after_seconds(exc.response.headers if exc.response is not None else None)
+                return TeacherFailure(
+                    kind=kind,
+                    status_code=status,
+                    raw=raw,
+                    attempts=attempt,
+                    message=f"HTTP {status} from {self._where()}",
+                ), (backoff if wait is None else wait)
+            kind, hint = {
+                401: ("auth", f"the server rejected the API key (HTTP 401): check ${self.options.api_key_env}"),
+                403: ("auth", "the API key may not use this model or endpoint (HTTP 403)"),
+                404: ("not_found", f"model '{self.model}' or endpoint not found (HTTP 404)"),
+            }.get(status, ("bad_request", f"the server refused the request (HTTP {status}): {raw[:300]}"))
+            return TeacherFailure(
+                kind=kind, status_code=status, raw=raw, attempts=attempt, message=hint, fatal=True
+            ), 0.0
+        # A body that is not valid JSON, a truncated stream: the server misbehaved; retry.
+        return TeacherFailure(
+            kind="server_error",
+            message=f"unreadable answer from {self._where()}: {exc!r}"[:500],
+            raw=self._redact(repr(exc)),
+            attempts=attempt,
+        ), backoff
+
+    async def _not_found_hint(self, client: openai.AsyncOpenAI) -> str:
+        message = f"model '{self.model}' not found at {self._where()} (HTTP 404): check teacher.model"
+        try:
+            served = [m.id async for m in client.models.list()]
+        except Exception:
+            return message
+        return f"{message}; the server has: {', '.join(served) or 'no models'}"
+
+    def _where(self) -> str:
+        return self.options.base_url or "api.openai.com"
+
+    def _redact(self, text: str) -> str:
+        env = self.options.api_key_env
+        key = os.environ.get(env, "") if env else ""
+        if key and len(key) >= 4:
+            text = text.replace(key, "[redacted]")
+            text = text.replace(key[-4:], "[redacted]")  # OpenAI echoes keys masked but with the tail
+        return text
+
+
+@distill.hookimpl
+def register_teachers(register: Any) -> None:
+    register(OpenAITeacher)

