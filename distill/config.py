@@ -98,8 +98,14 @@ def load_config(path: Path | None = None, overrides: list[str] | tuple[str, ...]
     try:
         config = DistillConfig.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(format_validation_error(exc, DistillConfig)) from None
-    check_plugins(config)
+        problems = format_validation_error(exc, DistillConfig)
+    else:
+        problems = []
+    teacher = data.get("teacher")
+    if isinstance(teacher, dict):
+        problems += plugin_problems(teacher)
+    if problems:
+        raise ConfigError(problems)
     return config
 
 
@@ -141,19 +147,26 @@ def apply_override(data: dict[str, Any], override: str) -> str | None:
     return None
 
 
-def check_plugins(config: DistillConfig) -> None:
-    """Check plugin names and validate plugin options; raise ConfigError listing every problem."""
+def plugin_problems(teacher: dict[str, Any]) -> list[str]:
+    """Problems with the teacher plugin name and its options (raw config data, so they are
+    reported together with any other problem)."""
     from distill.plugins import get_teachers
 
     teachers = get_teachers()
-    backend = config.teacher.backend
+    backend = teacher.get("backend", TeacherConfig.model_fields["backend"].default)
+    if not isinstance(backend, str):
+        return []  # the type error is already reported
     if backend not in teachers:
-        raise ConfigError([f"teacher.backend: {teachers.unknown(backend)}"])
+        return [f"teacher.backend: {teachers.unknown(backend)}"]
+    options = teacher.get("options") or {}
+    if not isinstance(options, dict):
+        return []
     options_model = teachers[backend].options_model
     try:
-        options_model.model_validate(config.teacher.options)
+        options_model.model_validate(options)
     except ValidationError as exc:
-        raise ConfigError(format_validation_error(exc, options_model, prefix="teacher.options")) from None
+        return format_validation_error(exc, options_model, prefix="teacher.options")
+    return []
 
 
 # Error messages --------------------------------------------------------------------------------
@@ -194,7 +207,7 @@ def _describe(error: Any, model: type[BaseModel]) -> str:
     bounds = {"less_than_equal": "<=", "less_than": "<", "greater_than_equal": ">=", "greater_than": ">"}
     if kind in bounds:
         bound = next(iter(ctx.values()))
-        return f"must be {bounds[kind]} {bound}, got {_show(got)}"
+        return f"must be {bounds[kind]} {_show(bound)}, got {_show(got)}"
     if kind in {"too_short", "too_long"}:
         return f"{error['msg'].lower()}, got {_show(got)}"
     if kind == "literal_error":
@@ -206,6 +219,8 @@ def _describe(error: Any, model: type[BaseModel]) -> str:
 
 
 def _show(value: Any) -> str:
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
     text = repr(value) if isinstance(value, str) else str(value)
     return text if len(text) <= 60 else text[:57] + "..."
 

@@ -10,7 +10,6 @@ built; it is never stored on the teacher, in options, results, logs or error tex
 from __future__ import annotations
 
 import asyncio
-import collections
 import email.utils
 import logging
 import os
@@ -47,10 +46,10 @@ class OpenAIOptions(BaseModel):
     )
     max_concurrency: int = Field(16, ge=1, le=1024, description="Requests in flight at once.")
     requests_per_minute: float | None = Field(
-        None, gt=0, description="Most requests sent in any 60 s window, retries included; null: no limit."
+        None, gt=0, description="Most requests a minute, paced evenly, retries included; null: no limit."
     )
     tokens_per_minute: float | None = Field(
-        None, gt=0, description="Most tokens (prompt estimate + max_tokens × n) in any 60 s window; null: no limit."
+        None, gt=0, description="Most tokens a minute (prompt chars/4 + max_tokens × n), paced evenly; null: no limit."
     )
     max_retries: int = Field(5, ge=0, le=50, description="Retries of a failed request (429, 5xx, timeouts, resets).")
     timeout_s: float = Field(120.0, gt=0, le=3600, description="Per-attempt timeout; cannot be disabled.")
@@ -61,34 +60,23 @@ class OpenAIOptions(BaseModel):
     )
 
 
-class SlidingWindowLimiter:
-    """At most ``limit`` units in any ``window_s`` seconds. Units are recorded when admitted."""
+class PacedLimiter:
+    """At most ``per_minute`` units a minute, paced evenly: a request of ``u`` units holds the
+    next one back by ``u * 60 / per_minute`` seconds. No bursts, so no 60 s window (nor any
+    shorter one) ever exceeds the limit, retries included."""
 
-    def __init__(self, limit: float, window_s: float = 60.0):
-        self.limit = limit
-        self.window_s = window_s
-        self.events: collections.deque[tuple[float, float]] = collections.deque()
+    def __init__(self, per_minute: float):
+        self.seconds_per_unit = 60.0 / per_minute
+        self.next_free = 0.0
         self.lock = asyncio.Lock()
 
     async def acquire(self, units: float = 1.0) -> None:
-        units = min(units, self.limit)  # a single request larger than the limit still goes, alone
         async with self.lock:
-            while True:
+            now = time.monotonic()
+            if self.next_free > now:
+                await asyncio.sleep(self.next_free - now)
                 now = time.monotonic()
-                while self.events and self.events[0][0] <= now - self.window_s:
-                    self.events.popleft()
-                used = sum(amount for _, amount in self.events)
-                if used + units <= self.limit:
-                    self.events.append((now, units))
-                    return
-                # Wait until enough of the window has expired to admit this request.
-                freed, wait_until = 0.0, now
-                for stamp, amount in self.events:
-                    freed += amount
-                    wait_until = stamp + self.window_s
-                    if used - freed + units <= self.limit:
-                        break
-                await asyncio.sleep(max(wait_until - now, 0.01))
+            self.next_free = max(now, self.next_free) + units * self.seconds_per_unit
 
 
 def run_sync(coroutine: Coroutine[Any, Any, T]) -> T:
@@ -171,8 +159,8 @@ class OpenAITeacher(Teacher):
         """Answer all requests concurrently; results in request order."""
         options = self.options
         semaphore = asyncio.Semaphore(options.max_concurrency)
-        rpm = SlidingWindowLimiter(options.requests_per_minute) if options.requests_per_minute else None
-        tpm = SlidingWindowLimiter(options.tokens_per_minute) if options.tokens_per_minute else None
+        rpm = PacedLimiter(options.requests_per_minute) if options.requests_per_minute else None
+        tpm = PacedLimiter(options.tokens_per_minute) if options.tokens_per_minute else None
         abort: list[TeacherFailure] = []  # the first fatal failure stops new sends
         async with self._client() as client:
 
@@ -186,8 +174,8 @@ class OpenAITeacher(Teacher):
         self,
         client: openai.AsyncOpenAI,
         request: ChatRequest,
-        rpm: SlidingWindowLimiter | None,
-        tpm: SlidingWindowLimiter | None,
+        rpm: PacedLimiter | None,
+        tpm: PacedLimiter | None,
         abort: list[TeacherFailure],
     ) -> ChatResult:
         started = time.perf_counter()

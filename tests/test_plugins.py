@@ -1,0 +1,143 @@
+"""The plugin system: built-ins through the same hooks, entry-point plugins, DISTILL_LOAD_PLUGINS,
+a plugin added at run time without touching core, and the README documenting every hook."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import re
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import distill
+from distill import hookspecs
+from distill.config import load_config
+from distill.errors import PluginError
+from distill.plugins import DEFAULT_PLUGINS, get_teachers, pm
+from distill.records import ChatRequest, ChatResult, Message
+from distill.teacher import Teacher, load_teacher
+from tests.conftest import REPO, run_distill
+
+EXAMPLE_PLUGIN = REPO / "examples" / "distill-logging-teacher"
+
+
+@pytest.fixture(scope="session")
+def example_plugin() -> str:
+    """The example plugin package, installed into the test environment like a user would."""
+    try:
+        importlib.metadata.distribution("distill-logging-teacher")
+    except importlib.metadata.PackageNotFoundError:
+        subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "-e", str(EXAMPLE_PLUGIN)],
+                       check=True)
+    return "logging_teacher"
+
+
+class EchoTeacher(Teacher):
+    """A fixture plugin's teacher: answers with the prompt reversed."""
+
+    name = "echo-test"
+
+    def generate(self, requests: list[ChatRequest]) -> list[ChatResult]:
+        return [ChatResult(request_id=r.id, backend=self.name, model=self.model,
+                           texts=[r.messages[-1].content[::-1]], finish_reasons=["stop"]) for r in requests]
+
+
+class EchoPlugin:
+    @distill.hookimpl
+    def register_teachers(self, register: Any) -> None:
+        register(EchoTeacher)
+
+
+@pytest.fixture()
+def echo_plugin() -> Iterator[None]:
+    pm.register(EchoPlugin(), name="echo-test-plugin")
+    get_teachers.cache_clear()
+    yield
+    pm.unregister(name="echo-test-plugin")
+    get_teachers.cache_clear()
+
+
+def test_builtin_teachers_come_through_the_hooks() -> None:
+    teachers = get_teachers()
+    assert {"openai", "vllm", "transformers"} <= set(teachers.names())
+    assert {teachers.owners[name] for name in ("openai", "vllm", "transformers")} == set(DEFAULT_PLUGINS)
+
+
+def test_core_never_imports_builtin_plugins() -> None:
+    for path in (REPO / "distill").glob("*.py"):
+        source = path.read_text()
+        imports = re.findall(r"^\s*(?:from|import)\s+(distill_plugins\S*)", source, re.M)
+        assert not imports, f"{path.name} imports {imports}: core must reach backends only through hooks"
+
+
+def test_a_plugin_teacher_is_usable_from_config_without_core_changes(echo_plugin: None) -> None:
+    config = load_config(overrides=["teacher.backend=echo-test", "teacher.model=anything"])
+    teacher = load_teacher(config.teacher)
+    result = teacher.generate([ChatRequest(messages=[Message(role="user", content="abc")])])[0]
+    assert result.text == "cba"
+
+
+def test_two_plugins_with_one_name_is_an_error(echo_plugin: None) -> None:
+    class Clash:
+        @distill.hookimpl
+        def register_teachers(self, register: Any) -> None:
+            register(EchoTeacher)
+
+    pm.register(Clash(), name="clash")
+    get_teachers.cache_clear()
+    try:
+        with pytest.raises(PluginError, match="'echo-test' is registered by both"):
+            get_teachers()
+    finally:
+        pm.unregister(name="clash")
+        get_teachers.cache_clear()
+
+
+def test_entry_point_plugin_is_listed_with_what_it_registered(example_plugin: str) -> None:
+    result = run_distill("plugins", "--json")
+    assert result.returncode == 0, result.stderr
+    plugins = {entry["name"]: entry for entry in json.loads(result.stdout)}
+    assert plugins[example_plugin]["teachers"] == ["logging"]
+    assert plugins[example_plugin]["hooks"] == ["register_commands", "register_teachers"]
+    assert plugins[example_plugin]["package"] == "distill-logging-teacher 0.1.0"
+    assert plugins["distill_plugins.vllm_teacher"]["teachers"] == ["vllm"]
+
+
+def test_distill_load_plugins_limits_installed_plugins(example_plugin: str) -> None:
+    none = json.loads(run_distill("plugins", "--json", env={"DISTILL_LOAD_PLUGINS": ""}).stdout)
+    assert [entry["name"] for entry in none] == list(DEFAULT_PLUGINS)
+    only = json.loads(run_distill("plugins", "--json", env={"DISTILL_LOAD_PLUGINS": example_plugin}).stdout)
+    assert example_plugin in [entry["name"] for entry in only]
+    missing = run_distill("plugins", env={"DISTILL_LOAD_PLUGINS": "nope"})
+    assert missing.returncode == 2
+    assert "DISTILL_LOAD_PLUGINS: no installed plugin 'nope'; installed: " in missing.stderr
+    assert example_plugin in missing.stderr
+
+
+@pytest.mark.slow
+def test_example_plugin_teacher_and_command_work_end_to_end(example_plugin: str, smollm2_dir: Path,
+                                                            tmp_path: Path) -> None:
+    log_file = tmp_path / "teacher-log.jsonl"
+    result = run_distill("ask", "--teacher", "logging", "--model", "smollm2-135m-instruct", "--max-tokens", "16",
+                         "--set", f"teacher.options.log_file={log_file}", "What is the capital of France?")
+    assert result.returncode == 0, result.stderr
+    assert "Paris" in result.stdout
+    rows = [json.loads(line) for line in log_file.read_text().splitlines()]
+    assert len(rows) == 1 and rows[0]["backend"] == "transformers" and rows[0]["error"] is None
+    assert rows[0]["completion_tokens"] > 0
+    summary = run_distill("teacher-log", str(log_file))
+    assert summary.stdout.strip() == f"1 requests, 0 failed, {rows[0]['completion_tokens']} completion tokens"
+
+
+def test_readme_documents_every_hook() -> None:
+    readme = (REPO / "README.md").read_text()
+    section = readme.split("## Writing a plugin", 1)[1].split("\n## ", 1)[0]
+    hooks = [name for name in dir(hookspecs) if name.startswith("register_")]
+    assert hooks == ["register_commands", "register_judges", "register_tasks", "register_teachers"]
+    for hook in hooks:
+        assert f"### `{hook}" in section, f"README 'Writing a plugin' has no section for {hook}"
