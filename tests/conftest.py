@@ -30,13 +30,18 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def run_distill(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None,
-                timeout: float = 900) -> subprocess.CompletedProcess[str]:
+def run_distill(
+    *args: str, env: dict[str, str] | None = None, cwd: Path | None = None, timeout: float = 900
+) -> subprocess.CompletedProcess[str]:
     """Run the real ``distill`` command line in a subprocess (fresh plugin loading, real exit code)."""
     full_env = {**os.environ, **(env or {})}
     return subprocess.run(
-        [sys.executable, "-m", "distill.cli", *args], capture_output=True, text=True,
-        env=full_env, cwd=cwd or REPO, timeout=timeout,
+        [sys.executable, "-m", "distill.cli", *args],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        cwd=cwd or REPO,
+        timeout=timeout,
     )
 
 
@@ -53,9 +58,22 @@ def vllm_server(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     port = free_port()
     log_path = tmp_path_factory.mktemp("vllm-server") / "server.log"
     command = [
-        sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(smollm2_dir),
-        "--served-model-name", SERVED_NAME, "--host", "127.0.0.1", "--port", str(port),
-        "--max-model-len", "2048", "--enforce-eager", "--dtype", "bfloat16",
+        sys.executable,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        str(smollm2_dir),
+        "--served-model-name",
+        SERVED_NAME,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--max-model-len",
+        "2048",
+        "--enforce-eager",
+        "--dtype",
+        "bfloat16",
     ]
     with log_path.open("w") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -90,7 +108,8 @@ def vllm_teacher(smollm2_dir: Path) -> Iterator[object]:
     from distill.teacher import load_teacher
 
     config = TeacherConfig(
-        backend="vllm", model=TEACHER_MODEL,
+        backend="vllm",
+        model=TEACHER_MODEL,
         options={"enforce_eager": True, "max_model_len": 2048, "cpu_kv_cache_gib": 1},
     )
     teacher = load_teacher(config)
@@ -111,8 +130,7 @@ def openai_teacher(vllm_server: str) -> object:
     from distill.config import TeacherConfig
     from distill.teacher import load_teacher
 
-    config = TeacherConfig(backend="openai", model=SERVED_NAME,
-                           options={"base_url": vllm_server, "api_key_env": None})
+    config = TeacherConfig(backend="openai", model=SERVED_NAME, options={"base_url": vllm_server, "api_key_env": None})
     return load_teacher(config)
 
 

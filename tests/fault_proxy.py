@@ -31,10 +31,12 @@ class FaultProxy:
         self.upstream = upstream.rstrip("/")
         self.faults: list[Fault] = []
         self.received: list[tuple[float, str]] = []  # (monotonic time, path) of each request
+        self.authorizations: list[str] = []  # the Authorization header of each request
         self.port = 0
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
         self._runner: web.AppRunner | None = None
+        self._stopping: asyncio.Event | None = None
 
     @property
     def base_url(self) -> str:
@@ -47,6 +49,7 @@ class FaultProxy:
     def reset(self) -> None:
         self.faults.clear()
         self.received.clear()
+        self.authorizations.clear()
 
     def start(self) -> FaultProxy:
         threading.Thread(target=self._serve, daemon=True).start()
@@ -55,12 +58,15 @@ class FaultProxy:
         return self
 
     def stop(self) -> None:
+        if self._stopping is not None:
+            self._loop.call_soon_threadsafe(self._stopping.set)  # releases hanging handlers
         if self._runner is not None:
             asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(10)
         self._loop.call_soon_threadsafe(self._loop.stop)
 
     def _serve(self) -> None:
         asyncio.set_event_loop(self._loop)
+        self._stopping = asyncio.Event()
         app = web.Application()
         app.router.add_route("*", "/{path:.*}", self._handle)
         self._runner = web.AppRunner(app)
@@ -73,13 +79,17 @@ class FaultProxy:
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         self.received.append((time.monotonic(), request.path))
+        self.authorizations.append(request.headers.get("Authorization", ""))
         fault = self.faults.pop(0) if self.faults else Fault()
         body = await request.read()
         if fault.kind == "status":
-            return web.Response(status=fault.status, text=fault.body, headers=fault.headers,
-                                content_type="application/json")
-        if fault.kind == "hang":
-            await asyncio.sleep(3600)
+            return web.Response(
+                status=fault.status, text=fault.body, headers=fault.headers, content_type="application/json"
+            )
+        if fault.kind == "hang":  # accept, then never answer (until the proxy stops)
+            assert self._stopping is not None
+            await self._stopping.wait()
+            return web.Response(status=503)
         if fault.kind == "reset":
             assert request.transport is not None
             request.transport.abort()
@@ -89,10 +99,13 @@ class FaultProxy:
         return await self._forward(request, body)
 
     async def _forward(self, request: web.Request, body: bytes) -> web.Response:
-        headers: dict[str, Any] = {k: v for k, v in request.headers.items() if k.lower() not in {"host", "content-length"}}
-        async with aiohttp.ClientSession() as session, session.request(
-            request.method, self.upstream + request.path_qs, data=body, headers=headers
-        ) as upstream:
+        skip = {"host", "content-length"}
+        headers: dict[str, Any] = {k: v for k, v in request.headers.items() if k.lower() not in skip}
+        async with (
+            aiohttp.ClientSession() as session,
+            session.request(request.method, self.upstream + request.path_qs, data=body, headers=headers) as upstream,
+        ):
             payload = await upstream.read()
-            return web.Response(status=upstream.status, body=payload,
-                                content_type=upstream.content_type or "application/json")
+            return web.Response(
+                status=upstream.status, body=payload, content_type=upstream.content_type or "application/json"
+            )

@@ -51,8 +51,9 @@ def test_unknown_backend_lists_the_known_ones() -> None:
 
 
 def test_backend_options_are_validated_by_the_plugin_model() -> None:
-    lines = problems(overrides=("teacher.backend=openai", "teacher.options.timeout_s=0",
-                                "teacher.options.max_concurency=3"))
+    lines = problems(
+        overrides=("teacher.backend=openai", "teacher.options.timeout_s=0", "teacher.options.max_concurency=3")
+    )
     assert lines[0] == "teacher.options.timeout_s: must be > 0, got 0"
     assert lines[1].startswith("teacher.options.max_concurency: unknown field; allowed: ")
     assert "max_concurrency" in lines[1]

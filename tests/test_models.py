@@ -15,7 +15,7 @@ def test_resolve_local_dirs_hub_ids_and_unknown_names(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text("{}")
     assert resolve_model(str(tmp_path)) == str(tmp_path.resolve())
     assert resolve_model("HuggingFaceTB/SmolLM2-135M-Instruct") == "HuggingFaceTB/SmolLM2-135M-Instruct"
-    with pytest.raises(ModelError, match="no config.json"):
+    with pytest.raises(ModelError, match=r"no config\.json"):
         resolve_model(str(tmp_path.parent))
     with pytest.raises(ModelError, match=r"unknown model 'smollm'; use a bundled alias \(smollm2-135m-instruct"):
         resolve_model("smollm")
@@ -50,7 +50,7 @@ def test_converted_model_answers_sensibly_with_its_chat_template(alias: str) -> 
     inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
     with torch.no_grad():
         output = model.generate(**inputs, max_new_tokens=16, do_sample=False)
-    answer = tokenizer.decode(output[0][inputs.input_ids.shape[1]:], skip_special_tokens=True)
+    answer = tokenizer.decode(output[0][inputs.input_ids.shape[1] :], skip_special_tokens=True)
     assert "Paris" in answer
 
 

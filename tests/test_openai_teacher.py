@@ -3,6 +3,7 @@ proxy in front for the faults the real server can't produce on demand (401, 429,
 
 from __future__ import annotations
 
+import itertools
 import time
 
 import pytest
@@ -18,12 +19,14 @@ pytestmark = pytest.mark.slow
 
 
 def request(question: str = "What is the capital of France?", **settings: object) -> ChatRequest:
-    return ChatRequest(messages=[Message(role="user", content=question)], max_tokens=8, **settings)  # type: ignore[arg-type]
+    settings.setdefault("max_tokens", 8)
+    return ChatRequest(messages=[Message(role="user", content=question)], **settings)  # type: ignore[arg-type]
 
 
-def teacher_via(base_url: str, model: str = SERVED_NAME, **options: object):  # noqa: ANN201
+def teacher_via(base_url: str, model: str = SERVED_NAME, **options: object):
     config = TeacherConfig(
-        backend="openai", model=model,
+        backend="openai",
+        model=model,
         options={"base_url": base_url, "api_key_env": None, "backoff_initial_s": 0.05, **options},
     )
     return load_teacher(config)
@@ -98,13 +101,14 @@ def test_requests_per_minute_limit_holds_at_the_wire(fault_proxy: FaultProxy) ->
     assert all(r.ok for r in results)
     times = sorted(t for t, _ in fault_proxy.received)
     assert len(times) == 5
-    gaps = [later - earlier for earlier, later in zip(times, times[1:])]
+    gaps = [later - earlier for earlier, later in itertools.pairwise(times)]
     assert min(gaps) >= 0.5 - 0.02  # 120/min = one request per 0.5 s, never faster
 
 
 def test_missing_api_key_is_a_clear_error(vllm_server: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("DISTILL_TEST_KEY", raising=False)
-    config = TeacherConfig(backend="openai", model=SERVED_NAME,
-                           options={"base_url": vllm_server, "api_key_env": "DISTILL_TEST_KEY"})
+    config = TeacherConfig(
+        backend="openai", model=SERVED_NAME, options={"base_url": vllm_server, "api_key_env": "DISTILL_TEST_KEY"}
+    )
     with pytest.raises(TeacherError, match="DISTILL_TEST_KEY is not set"):
         load_teacher(config)

@@ -32,8 +32,9 @@ def example_plugin() -> str:
     try:
         importlib.metadata.distribution("distill-logging-teacher")
     except importlib.metadata.PackageNotFoundError:
-        subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "-e", str(EXAMPLE_PLUGIN)],
-                       check=True)
+        subprocess.run(
+            [sys.executable, "-m", "pip", "install", "--no-deps", "-q", "-e", str(EXAMPLE_PLUGIN)], check=True
+        )
     return "logging_teacher"
 
 
@@ -43,8 +44,16 @@ class EchoTeacher(Teacher):
     name = "echo-test"
 
     def generate(self, requests: list[ChatRequest]) -> list[ChatResult]:
-        return [ChatResult(request_id=r.id, backend=self.name, model=self.model,
-                           texts=[r.messages[-1].content[::-1]], finish_reasons=["stop"]) for r in requests]
+        return [
+            ChatResult(
+                request_id=r.id,
+                backend=self.name,
+                model=self.model,
+                texts=[r.messages[-1].content[::-1]],
+                finish_reasons=["stop"],
+            )
+            for r in requests
+        ]
 
 
 class EchoPlugin:
@@ -120,11 +129,22 @@ def test_distill_load_plugins_limits_installed_plugins(example_plugin: str) -> N
 
 
 @pytest.mark.slow
-def test_example_plugin_teacher_and_command_work_end_to_end(example_plugin: str, smollm2_dir: Path,
-                                                            tmp_path: Path) -> None:
+def test_example_plugin_teacher_and_command_work_end_to_end(
+    example_plugin: str, smollm2_dir: Path, tmp_path: Path
+) -> None:
     log_file = tmp_path / "teacher-log.jsonl"
-    result = run_distill("ask", "--teacher", "logging", "--model", "smollm2-135m-instruct", "--max-tokens", "16",
-                         "--set", f"teacher.options.log_file={log_file}", "What is the capital of France?")
+    result = run_distill(
+        "ask",
+        "--teacher",
+        "logging",
+        "--model",
+        "smollm2-135m-instruct",
+        "--max-tokens",
+        "16",
+        "--set",
+        f"teacher.options.log_file={log_file}",
+        "What is the capital of France?",
+    )
     assert result.returncode == 0, result.stderr
     assert "Paris" in result.stdout
     rows = [json.loads(line) for line in log_file.read_text().splitlines()]

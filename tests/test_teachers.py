@@ -41,14 +41,20 @@ def test_greedy_answer_is_sensible_on_every_backend(teacher: object) -> None:
         assert result.latency_s > 0
 
 
-def test_backends_agree_on_greedy_text(openai_teacher: object, vllm_teacher: object,
-                                       transformers_teacher: object) -> None:
-    """Same model, same greedy prompt: the two vLLM paths give the same text; transformers
-    (float32 rather than bfloat16) starts the same way."""
-    request = ask("Name the largest planet in the solar system.", max_tokens=16)
+def test_backends_agree_on_greedy_text(
+    openai_teacher: object, vllm_teacher: object, transformers_teacher: object
+) -> None:
+    """Same model, same greedy prompt: the two vLLM paths (server and in-process) give the same
+    text; transformers (float32 rather than vLLM's bfloat16) gives the same answer."""
+    request = ask("What is the capital of France?", max_tokens=16)
     texts = [t.generate([request])[0].text for t in (openai_teacher, vllm_teacher, transformers_teacher)]
     assert texts[0] == texts[1]
-    assert "Jupiter" in texts[2] and "Jupiter" in texts[0]
+    assert all("Paris" in text for text in texts), texts
+    # The model's probability of its first answer token agrees across engines (bf16 vs fp32).
+    scored = ask("What is the capital of France?", max_tokens=1, logprobs=True)
+    first = [t.generate([scored])[0].logprobs[0][0] for t in (openai_teacher, transformers_teacher)]
+    assert first[0].token == first[1].token
+    assert abs(first[0].logprob - first[1].logprob) < 0.15
 
 
 def test_max_tokens_truncation_is_reported(teacher: object) -> None:
@@ -67,13 +73,15 @@ def test_logprobs_are_probabilities_and_greedy_picks_the_top(teacher: object) ->
         assert len(token.top) == 3
         # Greedy decoding picks the most likely token: it is the best of the alternatives.
         assert token.logprob >= max(token.top.values()) - 0.05
-    assert math.exp(tokens[0].logprob) > 0.2
+        assert sum(math.exp(logprob) for logprob in token.top.values()) <= 1 + 1e-3
 
 
 def test_n_samples_and_stop_strings(teacher: object) -> None:
-    result = teacher.generate([  # type: ignore[attr-defined]
-        ask("Count from 1 to 10, separated by commas.", max_tokens=40, n=3, temperature=1.0, seed=None),
-    ])[0]
+    result = teacher.generate(
+        [  # type: ignore[attr-defined]
+            ask("Count from 1 to 10, separated by commas.", max_tokens=40, n=3, temperature=1.0, seed=None),
+        ]
+    )[0]
     assert result.ok and len(result.texts) == 3 and len(result.finish_reasons) == 3
     stopped = teacher.generate([ask("Count from 1 to 10, separated by commas.", max_tokens=40, stop=["5"])])[0]  # type: ignore[attr-defined]
     assert "5" not in stopped.text and "4" in stopped.text
@@ -91,10 +99,13 @@ SCHEMA = {
 @pytest.mark.parametrize("name", ["openai_teacher", "vllm_teacher"])
 def test_json_schema_response_format(name: str, request: pytest.FixtureRequest) -> None:
     teacher = request.getfixturevalue(name)
-    result = teacher.generate([
-        ask("Give the capital of France as JSON with keys city and country.", max_tokens=60,
-            response_format=SCHEMA),
-    ])[0]
+    result = teacher.generate(
+        [
+            ask(
+                "Give the capital of France as JSON with keys city and country.", max_tokens=60, response_format=SCHEMA
+            ),
+        ]
+    )[0]
     assert result.ok, result.error
     answer = json.loads(result.text)
     assert set(answer) == {"city", "country"}
@@ -102,9 +113,12 @@ def test_json_schema_response_format(name: str, request: pytest.FixtureRequest) 
 
 
 def test_transformers_refuses_json_schema_with_a_structured_failure(transformers_teacher: object) -> None:
-    results = transformers_teacher.generate([  # type: ignore[attr-defined]
-        ask("hi", max_tokens=4, response_format=SCHEMA), ask("What is the capital of France?", max_tokens=12),
-    ])
+    results = transformers_teacher.generate(
+        [  # type: ignore[attr-defined]
+            ask("hi", max_tokens=4, response_format=SCHEMA),
+            ask("What is the capital of France?", max_tokens=12),
+        ]
+    )
     assert results[0].error is not None and results[0].error.kind == "unsupported"
     assert results[0].texts == []
     assert "Paris" in results[1].text  # the rest of the batch is kept

@@ -51,11 +51,19 @@ class LoggingTeacher(Teacher):
         self.options.log_file.parent.mkdir(parents=True, exist_ok=True)
         with self.options.log_file.open("a", encoding="utf-8") as log:
             for result in results:
-                log.write(json.dumps({
-                    "time": started, "request_id": result.request_id, "backend": result.backend,
-                    "latency_s": round(result.latency_s, 4), "completion_tokens": result.usage.completion_tokens,
-                    "error": result.error.kind if result.error else None,
-                }) + "\n")
+                log.write(
+                    json.dumps(
+                        {
+                            "time": started,
+                            "request_id": result.request_id,
+                            "backend": result.backend,
+                            "latency_s": round(result.latency_s, 4),
+                            "completion_tokens": result.usage.completion_tokens,
+                            "error": result.error.kind if result.error else None,
+                        }
+                    )
+                    + "\n"
+                )
         return results
 
     def close(self) -> None:
