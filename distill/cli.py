@@ -167,6 +167,44 @@ def _save_answers(run_dir: Path, config: dict[str, Any], requests: list[Any], re
 
 
 @cli.command()
+@config_option
+@set_option
+@click.option("--teacher", "backend", help="Teacher backend (openai, vllm, transformers or a plugin's).")
+@click.option("--model", help="Teacher model: bundled alias, local HF directory, hub id, or served model name.")
+@click.option("--target", type=int, help="Number of tasks to keep.")
+@click.option("--run-dir", type=click.Path(path_type=Path), help="Where the run's files go (resumes if present).")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+@handle_errors
+def generate(
+    config_path: Path | None,
+    overrides: tuple[str, ...],
+    backend: str | None,
+    model: str | None,
+    target: int | None,
+    run_dir: Path | None,
+    no_progress: bool,
+) -> None:
+    """Generate Alpaca-style instruction data by self-instruct from the teacher.
+
+    Resumable: run the same command again after a crash or Ctrl-C and it continues where it
+    stopped, without repeating saved requests or duplicating rows.
+
+    \b
+    distill generate -c examples/quickstart.yaml
+    distill generate --teacher vllm --target 500 --run-dir runs/data
+    """
+    from distill.config import load_config
+    from distill.generate import run_generate
+    from distill.progress import GenerateProgress, print_generate_summary
+
+    flags = {"teacher.backend": backend, "teacher.model": model, "generate.target": target, "run_dir": run_dir}
+    config = load_config(config_path, [*overrides, *(f"{k}={v}" for k, v in flags.items() if v is not None)])
+    with GenerateProgress(config.generate.target, enabled=not no_progress) as progress:
+        summary = run_generate(config, progress=progress.update)
+    print_generate_summary(summary, config.run_dir)
+
+
+@cli.command()
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @handle_errors
 def plugins(as_json: bool) -> None:

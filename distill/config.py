@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -72,12 +72,99 @@ class AskConfig(StrictModel):
     )
 
 
+# Alpaca's blocklist: tasks a text-only model cannot do (plus "go to" for browsing).
+DEFAULT_BLOCKLIST = [
+    "image",
+    "images",
+    "graph",
+    "graphs",
+    "picture",
+    "pictures",
+    "file",
+    "files",
+    "map",
+    "maps",
+    "draw",
+    "plot",
+    "go to",
+    "video",
+    "audio",
+    "music",
+    "flowchart",
+    "diagram",
+]
+
+
+class FilterConfig(StrictModel):
+    """Which generated tasks are kept. Every rejection is recorded with its reason."""
+
+    min_instruction_words: int = Field(3, ge=1, description="Reject instructions with fewer words.")
+    max_instruction_words: int = Field(150, ge=1, description="Reject instructions with more words.")
+    blocklist: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_BLOCKLIST),
+        description="Reject instructions containing any of these words or phrases (whole words, any case).",
+    )
+    rouge_l_threshold: float = Field(
+        0.7, gt=0, le=1, description="Reject an instruction whose ROUGE-L F with any kept one is >= this."
+    )
+    reject_truncated: bool = Field(True, description="Reject tasks from replies cut off by max_tokens.")
+
+
+class Price(StrictModel):
+    input_per_million: float = Field(ge=0, description="USD per million prompt tokens.")
+    output_per_million: float = Field(ge=0, description="USD per million completion tokens.")
+
+
+# USD per million tokens, from OpenAI's public price list (2025); override in generate.prices.
+DEFAULT_PRICES = {
+    "gpt-4o": Price(input_per_million=2.5, output_per_million=10.0),
+    "gpt-4o-mini": Price(input_per_million=0.15, output_per_million=0.6),
+    "gpt-4.1": Price(input_per_million=2.0, output_per_million=8.0),
+    "gpt-4.1-mini": Price(input_per_million=0.4, output_per_million=1.6),
+    "gpt-4.1-nano": Price(input_per_million=0.1, output_per_million=0.4),
+}
+
+
+class GenerateConfig(StrictModel):
+    """`distill generate`: self-instruct data from the teacher."""
+
+    seed_file: Path | None = Field(
+        None,
+        description="Seed tasks JSONL (instruction, input, output[, category, id]); "
+        "empty: the bundled prompts/seed_tasks.jsonl.",
+    )
+    target: int = Field(100, ge=1, description="Stop when this many tasks are kept.")
+    max_requests: int = Field(1000, ge=1, description="Stop after this many teacher requests (budget).")
+    batch_size: int = Field(16, ge=1, description="Requests sent together; results are saved per batch.")
+    examples_per_request: int = Field(3, ge=1, description="Seed tasks shown in each request.")
+    generated_examples_per_request: int = Field(
+        0, ge=0, description="Already generated tasks mixed into the examples (Self-Instruct); 0: seeds only (Alpaca)."
+    )
+    tasks_per_request: int = Field(5, ge=1, le=50, description="New tasks asked for in each request.")
+    reply_format: Literal["auto", "json", "text"] = Field(
+        "auto",
+        description="json: a JSON schema the teacher must follow; text: 'Task N / Instruction: / Output:' "
+        "layout; auto: json when the teacher can enforce a schema.",
+    )
+    template: str = Field("generate/self_instruct.jinja", description="Jinja template under prompts/ (or a path).")
+    temperature: float = Field(1.0, ge=0, le=2, description="Sampling temperature of generation requests.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass of generation requests.")
+    max_tokens: int = Field(1024, ge=16, description="Most new tokens per generation request.")
+    seed: int = Field(0, description="Seed of the example sampling: same seed and settings, same requests.")
+    cache: bool = Field(True, description="Reuse answers to identical requests from $DISTILL_HOME/cache.")
+    filters: FilterConfig = Field(default_factory=FilterConfig, description="What is kept.")
+    prices: dict[str, Price] = Field(
+        default_factory=lambda: dict(DEFAULT_PRICES), description="Cost table for openai models (USD per 1M tokens)."
+    )
+
+
 class DistillConfig(StrictModel):
     """A whole distill configuration file."""
 
     run_dir: Path | None = Field(None, description="Directory for this run's outputs (created if missing).")
     teacher: TeacherConfig = Field(default_factory=TeacherConfig, description="The teacher model.")
     ask: AskConfig = Field(default_factory=AskConfig, description="Settings of `distill ask`.")
+    generate: GenerateConfig = Field(default_factory=GenerateConfig, description="Settings of `distill generate`.")
 
 
 # Loading ---------------------------------------------------------------------------------------

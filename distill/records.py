@@ -107,3 +107,41 @@ class ChatResult(Record):
         if self.error is not None:
             raise ValueError(f"request {self.request_id} failed: {self.error.message}")
         return self.texts[0]
+
+
+class Provenance(Record):
+    """Where a generated row came from."""
+
+    backend: str = Field(description="Teacher backend.")
+    model: str = Field(description="Teacher model.")
+    temperature: float = Field(description="Sampling temperature of the request.")
+    top_p: float = Field(description="Nucleus sampling mass of the request.")
+    max_tokens: int = Field(description="Token limit of the request.")
+    seed: int | None = Field(description="Per-request sampling seed, if any.")
+    template_sha256: str = Field(description="Hash of the prompt template text.")
+    seed_ids: list[str] = Field(description="Ids of the example tasks shown in the request.")
+    request_id: str = Field(description="Stable id of the teacher request.")
+    item_index: int = Field(description="Position of this task in the teacher's reply.")
+    created: str = Field(description="When the teacher answered (UTC, ISO 8601).")
+    usage: Usage = Field(description="Token usage of the whole request.")
+
+
+class SimilarInstruction(Record):
+    instruction: str = Field(description="A kept instruction.")
+    rouge_l: float = Field(description="Its ROUGE-L F with this row's instruction.")
+
+
+class Instruction(Record):
+    """One generated Alpaca-style task, with chat messages for training and its provenance."""
+
+    id: str = Field(description="Stable id: request id + position in the reply.")
+    instruction: str = Field(min_length=1, description="What the user asks.")
+    input: str = Field("", description="Optional context for the instruction.")
+    output: str = Field(min_length=1, description="The teacher's answer.")
+    category: str | None = Field(None, description="Task category, when known.")
+    messages: list[Message] = Field(description="The task as a chat: user (instruction + input), assistant (output).")
+    most_similar_instructions: list[SimilarInstruction] = Field(
+        default_factory=list, description="Kept instructions within reach of the ROUGE-L threshold, best first."
+    )
+    max_rouge_l: float = Field(0.0, description="Highest ROUGE-L F against a kept instruction (0 if none near).")
+    provenance: Provenance = Field(description="Where this row came from.")

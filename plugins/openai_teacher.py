@@ -152,6 +152,9 @@ class OpenAITeacher(Teacher):
             max_retries=0,  # retries are ours: we honour retry-after and count attempts
         )
 
+    def cache_identity(self) -> dict[str, Any]:
+        return {**super().cache_identity(), "base_url": self.options.base_url, "extra_body": self.options.extra_body}
+
     def generate(self, requests: list[ChatRequest]) -> list[ChatResult]:
         return run_sync(self.agenerate(requests))
 

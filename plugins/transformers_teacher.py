@@ -67,6 +67,9 @@ class TransformersTeacher(Teacher):
             self.hf_model = PeftModel.from_pretrained(self.hf_model, opts.adapter)
         self.hf_model.eval()
 
+    def cache_identity(self) -> dict[str, Any]:
+        return {**super().cache_identity(), "dtype": self.options.dtype, "adapter": self.options.adapter}
+
     def generate(self, requests: list[ChatRequest]) -> list[ChatResult]:
         results: dict[int, ChatResult] = {}
         started = time.perf_counter()

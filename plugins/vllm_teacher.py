@@ -88,6 +88,10 @@ class VllmTeacher(Teacher):
 
             self.chat_template = read_prompt("chat_templates/default.jinja")
 
+    def cache_identity(self) -> dict[str, Any]:
+        opts = self.options
+        return {**super().cache_identity(), "dtype": opts.dtype, "engine_args": opts.engine_args}
+
     def sampling_params(self, request: ChatRequest) -> Any:
         from vllm import SamplingParams
         from vllm.sampling_params import StructuredOutputsParams

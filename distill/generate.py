@@ -1,0 +1,500 @@
+"""`distill generate`: Alpaca-style self-instruct data that survives crashes and shows its provenance.
+
+Top to bottom: load seed tasks → for each batch of requests (built deterministically from the
+seed, the request index and the tasks kept so far) take answers from the run's own log, else the
+request cache, else the teacher → save answers (append + fsync) → parse → filter → dedup → append
+rows. The answer log is the source of truth: a rerun replays it and rebuilds every output
+identically, so killing the process at any moment loses nothing and duplicates nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+import re
+import shutil
+import string
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import jinja2
+
+from distill.config import DistillConfig, FilterConfig, config_dump
+from distill.dedup import NearDuplicateIndex
+from distill.errors import ConfigError, DistillError
+from distill.records import (
+    ChatRequest,
+    ChatResult,
+    Instruction,
+    Message,
+    Provenance,
+    SimilarInstruction,
+    Usage,
+)
+from distill.runstore import JsonlLog, RequestCache, write_atomic, write_manifest
+from distill.teacher import Teacher, load_teacher, raise_on_fatal
+
+log = logging.getLogger(__name__)
+
+RESPONSES = "responses.jsonl"
+INSTRUCTIONS = "instructions.jsonl"
+REJECTED = "rejected.jsonl"
+FAILURES = "failures.jsonl"
+
+
+# Seed tasks ------------------------------------------------------------------------------------
+
+
+def load_seed_tasks(path: Path | None) -> list[dict[str, Any]]:
+    """Seed tasks from JSONL; every problem reported (file and line) before any request is sent."""
+    if path is None:
+        from distill_prompts import PROMPTS_DIR
+
+        path = PROMPTS_DIR / "seed_tasks.jsonl"
+    if not path.is_file():
+        raise ConfigError([f"generate.seed_file: {path} not found"])
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            [f"generate.seed_file: {path} is not UTF-8 (byte {exc.start}); re-save it as UTF-8"]
+        ) from None
+    tasks, problems = [], []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            problems.append(f"{path} line {number}: not JSON ({exc.msg})")
+            continue
+        if not isinstance(row, dict):
+            problems.append(f"{path} line {number}: expected a JSON object")
+            continue
+        for name in ("instruction", "output"):
+            if not isinstance(row.get(name), str) or not row[name].strip():
+                problems.append(f"{path} line {number}: '{name}' must be a non-empty string")
+        if not isinstance(row.get("input", ""), str):
+            problems.append(f"{path} line {number}: 'input' must be a string")
+        row.setdefault("id", f"seed_{number}")
+        tasks.append(row)
+    if problems:
+        raise ConfigError(problems[:20] + ([f"... and {len(problems) - 20} more"] if len(problems) > 20 else []))
+    if not tasks:
+        raise ConfigError([f"generate.seed_file: {path} has no tasks; give at least a few seed tasks"])
+    return tasks
+
+
+# Requests and replies --------------------------------------------------------------------------
+
+
+def reply_schema(tasks_per_request: int) -> dict[str, Any]:
+    task = {
+        "type": "object",
+        "properties": {k: {"type": "string"} for k in ("instruction", "input", "output")},
+        "required": ["instruction", "input", "output"],
+        "additionalProperties": False,
+    }
+    return {
+        "type": "object",
+        "properties": {"tasks": {"type": "array", "items": task, "minItems": 1, "maxItems": tasks_per_request}},
+        "required": ["tasks"],
+        "additionalProperties": False,
+    }
+
+
+def load_template(name: str) -> tuple[jinja2.Template, str]:
+    from distill_prompts import PROMPTS_DIR
+
+    path = Path(name) if Path(name).is_file() else PROMPTS_DIR / name
+    if not path.is_file():
+        raise ConfigError([f"generate.template: {name} not found under prompts/ or as a path"])
+    text = path.read_text(encoding="utf-8")
+    environment = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=False)
+    return environment.from_string(text), hashlib.sha256(text.encode()).hexdigest()
+
+
+_TASK_HEADER = re.compile(r"^\W*task\s*\d+\W*$", re.I | re.M)
+_FIELD = re.compile(r"^\W*(instruction|input|output)\W*:\s?", re.I | re.M)
+
+
+def parse_reply(text: str, reply_format: str) -> tuple[list[dict[str, str]], list[str]]:
+    """Tasks from a teacher reply, and a problem line for each part that is not a task."""
+    if reply_format == "json":
+        candidate = text.strip()
+        fenced = re.search(r"```(?:json)?\s*(.*?)```", candidate, re.S)
+        if fenced:
+            candidate = fenced.group(1)
+        try:
+            data = json.loads(candidate)
+        except json.JSONDecodeError as exc:
+            return [], [f"reply is not JSON: {exc.msg} at char {exc.pos}"]
+        items = data.get("tasks") if isinstance(data, dict) else None
+        if not isinstance(items, list):
+            return [], ["reply JSON has no 'tasks' list"]
+        tasks, problems = [], []
+        for position, item in enumerate(items):
+            if (
+                isinstance(item, dict)
+                and isinstance(item.get("instruction"), str)
+                and isinstance(item.get("output"), str)
+            ):
+                tasks.append(
+                    {
+                        "instruction": item["instruction"].strip(),
+                        "input": str(item.get("input") or "").strip(),
+                        "output": item["output"].strip(),
+                    }
+                )
+            else:
+                problems.append(
+                    f"task {position}: needs string 'instruction' and 'output', got {json.dumps(item)[:200]}"
+                )
+        return tasks, problems
+    blocks = [block for block in _TASK_HEADER.split(text) if block.strip()]
+    tasks, problems = [], []
+    for position, block in enumerate(blocks):
+        parts = _FIELD.split(block)
+        fields: dict[str, str] = {}
+        for name, value in zip(parts[1::2], parts[2::2]):
+            fields.setdefault(name.lower(), value.strip())
+        if fields.get("instruction") and "output" in fields:
+            tasks.append(
+                {"instruction": fields["instruction"], "input": fields.get("input", ""), "output": fields["output"]}
+            )
+        else:
+            problems.append(f"block {position}: no 'Instruction:' and 'Output:' fields: {block.strip()[:200]!r}")
+    if not blocks:
+        problems.append("reply has no 'Task N' blocks")
+    return tasks, problems
+
+
+def rejection_reason(task: dict[str, str], filters: FilterConfig, truncated: bool) -> str | None:
+    """Why a parsed task is rejected (before dedup), or None."""
+    instruction = task["instruction"]
+    words = instruction.split()
+    if truncated and filters.reject_truncated:
+        return "truncated"
+    if len(words) < filters.min_instruction_words:
+        return "too_short"
+    if len(words) > filters.max_instruction_words:
+        return "too_long"
+    lowered = instruction.lower()
+    for phrase in filters.blocklist:
+        if re.search(rf"\b{re.escape(phrase.lower())}\b", lowered):
+            return f"blocklist:{phrase}"
+    if instruction[0] in string.punctuation:
+        return "starts_with_punctuation"
+    if not instruction[0].isascii():
+        return "starts_with_non_ascii"
+    if not task["output"].strip():
+        return "empty_output"
+    return None
+
+
+def chat_messages(task: dict[str, str]) -> list[Message]:
+    user = task["instruction"] + (f"\n\n{task['input']}" if task.get("input") else "")
+    return [Message(role="user", content=user), Message(role="assistant", content=task["output"])]
+
+
+# The run ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class GenerateState:
+    kept: list[Instruction] = field(default_factory=list)
+    rejected: Counter[str] = field(default_factory=Counter)
+    failed: Counter[str] = field(default_factory=Counter)
+    requests: int = 0
+    sent: int = 0
+    cached: int = 0
+    replayed: int = 0
+    usage: Usage = field(default_factory=Usage)
+
+
+class Generator:
+    """One `distill generate` run over one run directory."""
+
+    def __init__(self, config: DistillConfig, teacher: Teacher | None = None):
+        if config.run_dir is None:
+            raise ConfigError(["run_dir: required for generate; set run_dir or pass --run-dir"])
+        self.config = config
+        self.settings = config.generate
+        self.run_dir = config.run_dir
+        self.seeds = load_seed_tasks(self.settings.seed_file)
+        self.template, self.template_sha = load_template(self.settings.template)
+        self._teacher = teacher
+        self.owns_teacher = teacher is None
+        self.reply_format = self._reply_format()
+        self.index = NearDuplicateIndex(self.settings.filters.rouge_l_threshold)
+        for seed in self.seeds:  # like Alpaca, new tasks must differ from the seeds too
+            self.index.add(seed["instruction"])
+        self.state = GenerateState()
+
+    def _reply_format(self) -> str:
+        if self.settings.reply_format != "auto":
+            return self.settings.reply_format
+        from distill.plugins import get_teachers
+
+        backend = self._teacher.name if self._teacher else self.config.teacher.backend
+        return "json" if get_teachers()[backend].supports_response_format else "text"
+
+    @property
+    def teacher(self) -> Teacher:
+        if self._teacher is None:  # loaded only when some answer is neither logged nor cached
+            self._teacher = load_teacher(self.config.teacher)
+        return self._teacher
+
+    def teacher_identity(self) -> dict[str, Any]:
+        if self._teacher is not None:
+            return self._teacher.cache_identity()
+        t = self.config.teacher
+        return {"backend": t.backend, "model": t.model, "options": t.options}
+
+    def build_request(self, index: int) -> tuple[ChatRequest, list[str]]:
+        """Request number ``index``: the same seed, settings and kept tasks give the same request."""
+        s = self.settings
+        rng = random.Random(f"{s.seed}:{index}")
+        examples = rng.sample(self.seeds, min(s.examples_per_request, len(self.seeds)))
+        if s.generated_examples_per_request and self.state.kept:
+            pool = self.state.kept
+            for row in rng.sample(pool, min(s.generated_examples_per_request, len(pool))):
+                examples.append(
+                    {"id": row.id, "instruction": row.instruction, "input": row.input, "output": row.output}
+                )
+        prompt = self.template.render(examples=examples, num_tasks=s.tasks_per_request, reply_format=self.reply_format)
+        request = ChatRequest(
+            messages=[Message(role="user", content=prompt)],
+            temperature=s.temperature,
+            top_p=s.top_p,
+            max_tokens=s.max_tokens,
+            seed=self.config.teacher.seed,
+            response_format=reply_schema(s.tasks_per_request) if self.reply_format == "json" else None,
+        )
+        # The slot number is part of the id: identical prompts in two slots are two samples.
+        request.id = hashlib.sha256(f"{request.content_hash()}:{index}".encode()).hexdigest()[:20]
+        return request, [str(e["id"]) for e in examples]
+
+    def run(self, progress: Any = None) -> dict[str, Any]:
+        s = self.settings
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        responses = JsonlLog(self.run_dir / RESPONSES)
+        saved = {row["request_id"]: ChatResult.model_validate(row["result"]) for row in responses.read()}
+        cache = RequestCache() if s.cache else None
+        # Derived outputs are rebuilt from the answer log on every start: never a duplicate row.
+        outputs = {
+            name: (self.run_dir / name).open("w", encoding="utf-8") for name in (INSTRUCTIONS, REJECTED, FAILURES)
+        }
+        started = time.perf_counter()
+        try:
+            index = 0
+            while len(self.state.kept) < s.target and index < s.max_requests:
+                batch = [self.build_request(i) for i in range(index, min(index + s.batch_size, s.max_requests))]
+                index += len(batch)
+                results = self._answers([request for request, _ in batch], saved, responses, cache)
+                for (request, seed_ids), result in zip(batch, results):
+                    self._process(request, seed_ids, result, outputs)
+                    if len(self.state.kept) >= s.target:
+                        break
+                for handle in outputs.values():
+                    handle.flush()
+                if progress is not None:
+                    progress(self.state, time.perf_counter() - started)
+        finally:
+            for handle in outputs.values():
+                handle.close()
+            if cache is not None:
+                cache.close()
+            if self.owns_teacher and self._teacher is not None:
+                self._teacher.close()
+        return self.finish(time.perf_counter() - started)
+
+    def _answers(
+        self, requests: list[ChatRequest], saved: dict[str, ChatResult], responses: JsonlLog, cache: RequestCache | None
+    ) -> list[ChatResult]:
+        """Answers from the run's log, else the cache, else the teacher; new ones are saved first."""
+        self.state.requests += len(requests)
+        answers: dict[str, ChatResult] = {}
+        new_rows = []
+        for request in requests:
+            if request.id in saved:
+                answers[request.id] = saved[request.id]
+                self.state.replayed += 1
+            elif cache is not None and (hit := cache.get(RequestCache.key(self.teacher_identity(), request))):
+                answers[request.id] = hit
+                self.state.cached += 1
+                new_rows.append({"request_id": request.id, "request": request.model_dump(), "result": hit.model_dump()})
+        responses.append(new_rows)
+        to_send = [r for r in requests if r.id not in answers]
+        if to_send:
+            results = self.teacher.generate(to_send)
+            self.state.sent += len(to_send)
+            good = [(r, res) for r, res in zip(to_send, results) if res.ok]
+            responses.append(
+                {"request_id": r.id, "request": r.model_dump(), "result": res.model_dump()} for r, res in good
+            )
+            if cache is not None:
+                identity = self.teacher_identity()
+                cache.put_many([(RequestCache.key(identity, r), res) for r, res in good])
+            raise_on_fatal(results)  # after saving what succeeded
+            answers.update({r.id: res for r, res in zip(to_send, results)})
+        for request in requests:
+            if request.id in saved or answers[request.id].ok:
+                saved[request.id] = answers[request.id]
+        return [answers[r.id] for r in requests]
+
+    def _process(self, request: ChatRequest, seed_ids: list[str], result: ChatResult, outputs: dict[str, Any]) -> None:
+        state, s = self.state, self.settings
+        state.usage.prompt_tokens += result.usage.prompt_tokens
+        state.usage.completion_tokens += result.usage.completion_tokens
+
+        def fail(reason: str, **extra: Any) -> None:
+            state.failed[reason.split(":")[0]] += 1
+            outputs[FAILURES].write(json.dumps({"request_id": request.id, "reason": reason, **extra}) + "\n")
+
+        if result.error is not None:
+            fail(f"teacher_error:{result.error.kind}", error=result.error.model_dump())
+            return
+        text, finish_reason = result.texts[0], result.finish_reasons[0]
+        tasks, problems = parse_reply(text, self.reply_format)
+        if not tasks:
+            fail("unparseable_reply", problems=problems, finish_reason=finish_reason, raw=text)
+            return
+        for problem in problems:
+            fail("unparseable_task", problem=problem, raw=text)
+        created = datetime.now(timezone.utc).isoformat()
+        for position, task in enumerate(tasks):
+            if len(state.kept) >= s.target:
+                return
+            row_id = f"{request.id}-{position}"
+            truncated = finish_reason == "length" and position == len(tasks) - 1  # Alpaca: the last one
+            reason = rejection_reason(task, s.filters, truncated)
+            neighbours = []
+            if reason is None:
+                kept, neighbours = self.index.check_and_add(task["instruction"])
+                if not kept:
+                    reason = "near_duplicate"
+            similar = [
+                SimilarInstruction(instruction=self.index.texts[n.index], rouge_l=round(n.score, 4))
+                for n in neighbours[:10]
+            ]
+            if reason is not None:
+                state.rejected[reason.split(":")[0]] += 1
+                outputs[REJECTED].write(
+                    json.dumps(
+                        {
+                            "id": row_id,
+                            "request_id": request.id,
+                            "reason": reason,
+                            **task,
+                            "most_similar_instructions": [n.model_dump() for n in similar],
+                        },
+                        ensure_ascii=False,
+                    )
+                    + "\n"
+                )
+                continue
+            row = Instruction(
+                id=row_id,
+                instruction=task["instruction"],
+                input=task["input"],
+                output=task["output"],
+                messages=chat_messages(task),
+                most_similar_instructions=similar,
+                max_rouge_l=similar[0].rouge_l if similar else 0.0,
+                provenance=Provenance(
+                    backend=result.backend,
+                    model=result.model,
+                    temperature=request.temperature,
+                    top_p=request.top_p,
+                    max_tokens=request.max_tokens,
+                    seed=request.seed,
+                    template_sha256=self.template_sha,
+                    seed_ids=seed_ids,
+                    request_id=request.id,
+                    item_index=position,
+                    created=created,
+                    usage=result.usage,
+                ),
+            )
+            state.kept.append(row)
+            outputs[INSTRUCTIONS].write(row.model_dump_json() + "\n")
+
+    def finish(self, seconds: float) -> dict[str, Any]:
+        """Write the dataset (HF, Parquet, alpaca.json), the card and the manifest; return the summary."""
+        state, s = self.state, self.settings
+        summary: dict[str, Any] = {
+            "kept": len(state.kept),
+            "target": s.target,
+            "complete": len(state.kept) >= s.target,
+            "requests": state.requests,
+            "sent_to_teacher": state.sent,
+            "from_cache": state.cached,
+            "replayed_from_log": state.replayed,
+            "rejected": dict(state.rejected),
+            "failed": dict(state.failed),
+            "usage": state.usage.model_dump(),
+            "seconds": round(seconds, 1),
+            "cost_usd": self.cost(),
+            "reply_format": self.reply_format,
+        }
+        rows = [row.model_dump(mode="json") for row in state.kept]
+        write_dataset(self.run_dir, rows)
+        write_atomic(
+            self.run_dir / "alpaca.json",
+            json.dumps(
+                [{"instruction": r["instruction"], "input": r["input"], "output": r["output"]} for r in rows],
+                indent=2,
+                ensure_ascii=False,
+            ),
+        )
+        write_atomic(self.run_dir / "README.md", dataset_card(self.config, summary))
+        write_manifest(self.run_dir, "generate", config_dump(self.config), {"summary": summary})
+        return summary
+
+    def cost(self) -> float | None:
+        price = self.settings.prices.get(self.config.teacher.model)
+        if self.config.teacher.backend != "openai" or price is None:
+            return None
+        usage = self.state.usage
+        return round(
+            usage.prompt_tokens / 1e6 * price.input_per_million
+            + usage.completion_tokens / 1e6 * price.output_per_million,
+            4,
+        )
+
+
+def write_dataset(run_dir: Path, rows: list[dict[str, Any]]) -> None:
+    """The kept rows as a Hugging Face dataset (save_to_disk) and Parquet, each written atomically."""
+    import datasets
+
+    dataset = datasets.Dataset.from_list(rows) if rows else datasets.Dataset.from_dict({"id": []})
+    staging = run_dir / "dataset.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    dataset.save_to_disk(str(staging))
+    shutil.rmtree(run_dir / "dataset", ignore_errors=True)
+    staging.rename(run_dir / "dataset")
+    dataset.to_parquet(str(run_dir / "instructions.parquet.tmp"))
+    (run_dir / "instructions.parquet.tmp").replace(run_dir / "instructions.parquet")
+
+
+def dataset_card(config: DistillConfig, summary: dict[str, Any]) -> str:
+    from distill_prompts import read_prompt
+
+    template = jinja2.Environment(undefined=jinja2.StrictUndefined).from_string(read_prompt("cards/dataset.md.jinja"))
+    import sys
+
+    return template.render(config=config, summary=summary, command=" ".join(["distill", *sys.argv[1:]]))
+
+
+def run_generate(config: DistillConfig, teacher: Teacher | None = None, progress: Any = None) -> dict[str, Any]:
+    """Run (or resume) `distill generate` for a validated config; return the summary."""
+    if config.generate.target > config.generate.max_requests * config.generate.tasks_per_request:
+        raise DistillError("generate.target can't be reached: it exceeds max_requests × tasks_per_request")
+    return Generator(config, teacher).run(progress)
