@@ -115,7 +115,7 @@ def start_server(port: int) -> subprocess.Popen[bytes]:
         "2048",
         "--enforce-eager",
         "--dtype",
-        "bfloat16",
+        "float32",
     ]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + 600

@@ -162,7 +162,7 @@ class NearDuplicateIndex:
     threshold: float = 0.7
     texts: list[str] = field(default_factory=list)
     _token_ids: list[list[int]] = field(default_factory=list)
-    _counts: list[Counter[int]] = field(default_factory=list)
+    _tagged: list[frozenset[int]] = field(default_factory=list)
     _vocabulary: dict[str, int] = field(default_factory=dict)
     _order_keys: list[tuple[int, int]] = field(default_factory=list)
     _postings: dict[tuple[int, int], list[int]] = field(default_factory=dict)
@@ -203,13 +203,13 @@ class NearDuplicateIndex:
         candidates: set[int] = set()
         for key in self._prefix(ids):
             candidates.update(self._postings.get(key, ()))
-        counts = Counter(ids)
+        tagged = _tagged_set(ids)
         found = []
         for index in candidates:
             other = self._token_ids[index]
             if not low <= len(other) <= high:
                 continue
-            overlap = sum((counts & self._counts[index]).values())
+            overlap = len(tagged & self._tagged[index])  # multiset overlap, in C
             if 2 * overlap / (len(ids) + len(other)) < t - 1e-12:
                 continue  # even a perfect order could not reach the threshold
             found.append(Neighbour(index, rouge_l(ids, other)))
@@ -221,7 +221,7 @@ class NearDuplicateIndex:
         index = len(self.texts)
         self.texts.append(text)
         self._token_ids.append(ids)
-        self._counts.append(Counter(ids))
+        self._tagged.append(_tagged_set(ids))
         for key in self._prefix(ids):
             self._postings.setdefault(key, []).append(index)
         return index
@@ -235,6 +235,16 @@ class NearDuplicateIndex:
             return False, found
         self.add(text, ids)
         return True, found
+
+
+def _tagged_set(ids: list[int]) -> frozenset[int]:
+    """Token ids tagged with their occurrence number: set overlap of these = multiset overlap."""
+    seen: Counter[int] = Counter()
+    tagged = []
+    for token_id in ids:
+        tagged.append(token_id << 16 | min(seen[token_id], 0xFFFF))
+        seen[token_id] += 1
+    return frozenset(tagged)
 
 
 def quadratic_dedup(texts: list[str], threshold: float = 0.7) -> list[bool]:

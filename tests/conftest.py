@@ -73,7 +73,7 @@ def vllm_server(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
         "2048",
         "--enforce-eager",
         "--dtype",
-        "bfloat16",
+        "float32",
     ]
     with log_path.open("w") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)

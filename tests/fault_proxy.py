@@ -16,7 +16,8 @@ from aiohttp import web
 
 @dataclass
 class Fault:
-    """What to do with one request: ``kind`` is pass, status, hang, reset or garbage."""
+    """What to do with one request: ``kind`` is pass, status, hang, reset, garbage (a body that is
+    not JSON) or reply (a well-formed chat completion whose message content is ``body``)."""
 
     kind: str = "pass"
     status: int = 200
@@ -32,6 +33,7 @@ class FaultProxy:
         self.faults: list[Fault] = []
         self.received: list[tuple[float, str]] = []  # (monotonic time, path) of each request
         self.authorizations: list[str] = []  # the Authorization header of each request
+        self.bodies: list[bytes] = []  # the body of each request
         self.port = 0
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
@@ -50,6 +52,7 @@ class FaultProxy:
         self.faults.clear()
         self.received.clear()
         self.authorizations.clear()
+        self.bodies.clear()
 
     def start(self) -> FaultProxy:
         threading.Thread(target=self._serve, daemon=True).start()
@@ -82,6 +85,7 @@ class FaultProxy:
         self.authorizations.append(request.headers.get("Authorization", ""))
         fault = self.faults.pop(0) if self.faults else Fault()
         body = await request.read()
+        self.bodies.append(body)
         if fault.kind == "status":
             return web.Response(
                 status=fault.status, text=fault.body, headers=fault.headers, content_type="application/json"
@@ -94,6 +98,18 @@ class FaultProxy:
             assert request.transport is not None
             request.transport.abort()
             return web.Response(status=500)
+        if fault.kind == "reply":
+            completion = {
+                "id": "chatcmpl-fault",
+                "object": "chat.completion",
+                "created": 0,
+                "model": "fault",
+                "choices": [
+                    {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": fault.body}}
+                ],
+                "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+            }
+            return web.json_response(completion)
         if fault.kind == "garbage":
             return web.Response(status=200, text="<html>not json", content_type="application/json")
         return await self._forward(request, body)

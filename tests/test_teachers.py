@@ -45,16 +45,16 @@ def test_backends_agree_on_greedy_text(
     openai_teacher: object, vllm_teacher: object, transformers_teacher: object
 ) -> None:
     """Same model, same greedy prompt: the two vLLM paths (server and in-process) give the same
-    text; transformers (float32 rather than vLLM's bfloat16) gives the same answer."""
+    text; transformers (another engine, same float32 weights) gives the same answer."""
     request = ask("What is the capital of France?", max_tokens=16)
     texts = [t.generate([request])[0].text for t in (openai_teacher, vllm_teacher, transformers_teacher)]
     assert texts[0] == texts[1]
     assert all("Paris" in text for text in texts), texts
-    # The model's probability of its first answer token agrees across engines (bf16 vs fp32).
+    # The model's probability of its first answer token agrees across engines (both float32).
     scored = ask("What is the capital of France?", max_tokens=1, logprobs=True)
     first = [t.generate([scored])[0].logprobs[0][0] for t in (openai_teacher, transformers_teacher)]
     assert first[0].token == first[1].token
-    assert abs(first[0].logprob - first[1].logprob) < 0.15
+    assert abs(first[0].logprob - first[1].logprob) < 0.01
 
 
 def test_max_tokens_truncation_is_reported(teacher: object) -> None:

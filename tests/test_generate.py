@@ -1,0 +1,310 @@
+"""`distill generate`: parsing, filters, dedup, end to end on the bundled teacher, resume after
+SIGKILL, the request cache, and malformed replies."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from distill.config import FilterConfig, load_config
+from distill.dedup import NearDuplicateIndex, quadratic_dedup, rouge_l, tokenize
+from distill.errors import ConfigError
+from distill.generate import load_seed_tasks, parse_reply, rejection_reason
+from distill.records import Instruction
+from tests.conftest import REPO, SERVED_NAME, run_distill
+from tests.fault_proxy import Fault, FaultProxy
+
+SMALL_RUN = [
+    "--set",
+    "generate.batch_size=4",
+    "--set",
+    "generate.tasks_per_request=3",
+    "--set",
+    "generate.max_tokens=320",
+    "--set",
+    "generate.temperature=0.7",
+    "--no-progress",
+]
+
+
+def openai_generate_args(base_url: str, run_dir: Path, target: int, *extra: str) -> list[str]:
+    return [
+        "generate",
+        "--teacher",
+        "openai",
+        "--model",
+        SERVED_NAME,
+        "--run-dir",
+        str(run_dir),
+        "--target",
+        str(target),
+        "--set",
+        f"teacher.options.base_url={base_url}",
+        "--set",
+        "teacher.options.api_key_env=null",
+        *SMALL_RUN,
+        *extra,
+    ]
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+# Parsing and filters ---------------------------------------------------------------------------
+
+
+def test_parse_json_and_text_replies() -> None:
+    tasks, problems = parse_reply(
+        '{"tasks": [{"instruction": "Name a fruit.", "input": "", "output": "Apple"}, 3]}', "json"
+    )
+    assert tasks == [{"instruction": "Name a fruit.", "input": "", "output": "Apple"}]
+    assert len(problems) == 1 and problems[0].startswith("task 1:")
+    assert parse_reply('```json\n{"tasks": []}\n```', "json") == ([], [])
+    assert parse_reply("Sure! Here you go", "json")[1][0].startswith("reply is not JSON")
+    text = (
+        "Task 4\nInstruction: Add the numbers.\nInput: 2, 3\nOutput: 5\n\n"
+        "**Task 5**\nInstruction: Name a colour.\nOutput: Blue\n\nTask 6\nnothing here"
+    )
+    tasks, problems = parse_reply(text, "text")
+    assert tasks == [
+        {"instruction": "Add the numbers.", "input": "2, 3", "output": "5"},
+        {"instruction": "Name a colour.", "input": "", "output": "Blue"},
+    ]
+    assert len(problems) == 1 and "block 2" in problems[0]
+
+
+@pytest.mark.parametrize(
+    ("instruction", "output", "truncated", "reason"),
+    [
+        ("Add numbers.", "5", False, "too_short"),
+        ("Describe the picture in detail please.", "It shows...", False, "blocklist:picture"),
+        ("Plot the data as a chart now.", "...", False, "blocklist:plot"),
+        ("Go to the website and read it.", "...", False, "blocklist:go to"),
+        ("- List three colours you like.", "Red", False, "starts_with_punctuation"),
+        ("¿Cuál es la capital de Francia?", "París", False, "starts_with_non_ascii"),
+        ("Name three primary colours please.", "   ", False, "empty_output"),
+        ("Name three primary colours please.", "Red, blue", True, "truncated"),
+        ("Name three primary colours please.", "Red, blue, yellow", False, None),
+        ("Explain how a mapping function works.", "It maps.", False, None),  # "map" is a whole word only
+    ],
+)
+def test_filters(instruction: str, output: str, truncated: bool, reason: str | None) -> None:
+    task = {"instruction": instruction, "input": "", "output": output}
+    assert rejection_reason(task, FilterConfig(), truncated) == reason
+
+
+def test_bad_seed_files_fail_before_any_request(tmp_path: Path) -> None:
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    with pytest.raises(ConfigError, match="has no tasks"):
+        load_seed_tasks(empty)
+    latin = tmp_path / "latin.jsonl"
+    latin.write_bytes('{"instruction": "caf\xe9", "output": "x"}\n'.encode("latin-1"))
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        load_seed_tasks(latin)
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"instruction": "Say hi.", "output": "hi"}\n{"instruction": ""}\nnot json\n')
+    with pytest.raises(ConfigError) as caught:
+        load_seed_tasks(broken)
+    assert caught.value.problems == [
+        f"{broken} line 2: 'instruction' must be a non-empty string",
+        f"{broken} line 2: 'output' must be a non-empty string",
+        f"{broken} line 3: not JSON (Expecting value)",
+    ]
+    result = run_distill("generate", "--run-dir", str(tmp_path / "run"), "--set", f"generate.seed_file={broken}")
+    assert result.returncode == 2 and "line 3: not JSON" in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_bundled_seed_tasks_are_valid_and_varied() -> None:
+    seeds = load_seed_tasks(None)
+    assert len(seeds) >= 40
+    assert len({s["category"] for s in seeds}) >= 10
+    assert len({s["id"] for s in seeds}) == len(seeds)
+
+
+# Dedup -----------------------------------------------------------------------------------------
+
+
+def test_rouge_l_matches_the_rouge_score_package() -> None:
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+    seeds = [s["instruction"] for s in load_seed_tasks(None)]
+    rng = random.Random(1)
+    index = NearDuplicateIndex()
+    for _ in range(300):
+        a, b = rng.sample(seeds, 2)
+        if rng.random() < 0.5:  # make near-duplicates too
+            words = a.split()
+            b = " ".join(w for w in words if rng.random() > 0.2) + rng.choice(["", " now", " please"])
+        expected = scorer.score(a, b)["rougeL"].fmeasure
+        assert rouge_l(index.encode(a), index.encode(b)) == pytest.approx(expected, abs=1e-12)
+
+
+def test_near_duplicates_are_rejected_with_their_neighbour() -> None:
+    index = NearDuplicateIndex(0.7)
+    assert index.check_and_add("Give three tips for staying healthy.")[0]
+    kept, neighbours = index.check_and_add("Give three tips for staying healthy and happy.")
+    assert not kept
+    assert neighbours[0].score == pytest.approx(2 * 6 / (6 + 8))
+    assert index.texts[neighbours[0].index] == "Give three tips for staying healthy."
+    assert index.check_and_add("Write a poem about the sea at night.")[0]
+    assert tokenize("Hello, World! 42") == ["hello", "world", "42"]
+
+
+def synthetic_stream(count: int, seed: int) -> list[str]:
+    rng = random.Random(seed)
+    words = [w for s in load_seed_tasks(None) for w in s["instruction"].split()]
+    stream = []
+    for _ in range(count):
+        if stream and rng.random() < 0.3:  # a perturbed copy of an earlier instruction
+            base = rng.choice(stream).split()
+            base = [w for w in base if rng.random() > 0.15] + rng.sample(words, rng.randint(0, 2))
+            stream.append(" ".join(base))
+        else:
+            stream.append(" ".join(rng.choices(words, k=rng.randint(3, 18))))
+    return stream
+
+
+def test_fast_index_decides_exactly_like_the_quadratic_procedure() -> None:
+    stream = synthetic_stream(3000, seed=7)
+    index = NearDuplicateIndex(0.7)
+    fast = [index.check_and_add(text)[0] for text in stream]
+    slow = quadratic_dedup(stream, 0.7)
+    assert fast == slow
+    assert 0.3 < sum(fast) / len(fast) < 0.95  # the stream has real duplicates and real keeps
+
+
+# End to end ------------------------------------------------------------------------------------
+
+
+def check_run(run_dir: Path, target: int, backend: str) -> list[Instruction]:
+    rows = [Instruction.model_validate(row) for row in read_jsonl(run_dir / "instructions.jsonl")]
+    assert len(rows) == target
+    assert len({row.id for row in rows}) == target
+    for row in rows:
+        assert row.instruction.strip() and row.output.strip()
+        assert row.messages[0].role == "user" and row.messages[0].content.startswith(row.instruction)
+        assert row.messages[1].content == row.output
+        assert row.provenance.backend == backend and len(row.provenance.template_sha256) == 64
+        assert row.provenance.seed_ids and row.provenance.usage.completion_tokens > 0
+    import datasets
+
+    assert datasets.load_from_disk(str(run_dir / "dataset"))["id"] == [row.id for row in rows]
+    assert len(json.loads((run_dir / "alpaca.json").read_text())) == target
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["summary"]["kept"] == target and manifest["summary"]["complete"]
+    card = (run_dir / "README.md").read_text()
+    assert f"{target} Alpaca-style tasks" in card and "ROUGE-L F ≥ 0.7" in card
+    return rows
+
+
+@pytest.mark.slow
+def test_generate_through_the_real_vllm_server(vllm_server: str, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    result = run_distill(*openai_generate_args(vllm_server, run_dir, 5, "--set", "generate.cache=false"))
+    assert result.returncode == 0, result.stderr
+    check_run(run_dir, 5, "openai")
+    assert "kept" in result.stdout and "5 / 5" in result.stdout
+
+
+@pytest.mark.slow
+def test_generate_with_the_in_process_vllm_engine(vllm_teacher: object, tmp_path: Path) -> None:
+    from distill.generate import run_generate
+
+    config = load_config(
+        overrides=[
+            f"run_dir={tmp_path / 'run'}",
+            "teacher.backend=vllm",
+            "generate.target=5",
+            "generate.batch_size=4",
+            "generate.tasks_per_request=3",
+            "generate.max_tokens=320",
+            "generate.temperature=0.7",
+            "generate.cache=false",
+        ]
+    )
+    summary = run_generate(config, teacher=vllm_teacher)  # type: ignore[arg-type]
+    assert summary["kept"] == 5 and summary["reply_format"] == "json"
+    check_run(tmp_path / "run", 5, "vllm")
+
+
+def prompts_sent(proxy: FaultProxy) -> list[str]:
+    return [json.loads(body)["messages"][0]["content"] for body in proxy.bodies if body]
+
+
+@pytest.mark.slow
+def test_sigkill_then_rerun_resumes_without_duplicates_or_repeats(fault_proxy: FaultProxy, tmp_path: Path) -> None:
+    run_dir, target = tmp_path / "run", 8
+    args = openai_generate_args(
+        fault_proxy.base_url, run_dir, target, "--set", "generate.cache=false", "--set", "generate.batch_size=2"
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-m", "distill.cli", *args], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    responses = run_dir / "responses.jsonl"
+    deadline = time.monotonic() + 600
+    while len(read_jsonl(responses)) < 2 and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.2)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    saved_before = {row["request"]["messages"][0]["content"] for row in read_jsonl(responses)}
+    assert saved_before, "the run was killed before it saved anything"
+    with responses.open("a") as handle:  # a torn last line, as if killed mid-write
+        handle.write('{"request_id": "torn", "resu')
+    fault_proxy.reset()
+    result = run_distill(*args)
+    assert result.returncode == 0, result.stderr
+    rows = check_run(run_dir, target, "openai")
+    assert len({row.instruction for row in rows}) == target
+    assert saved_before.isdisjoint(prompts_sent(fault_proxy))  # no saved work asked for again
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["summary"]["replayed_from_log"] >= len(saved_before)
+
+
+@pytest.mark.slow
+def test_identical_rerun_is_free_and_changed_settings_miss(fault_proxy: FaultProxy, tmp_path: Path) -> None:
+    first = run_distill(*openai_generate_args(fault_proxy.base_url, tmp_path / "a", 4))
+    assert first.returncode == 0, first.stderr
+    sent = len(fault_proxy.bodies)
+    assert sent > 0
+    fault_proxy.reset()
+    again = run_distill(*openai_generate_args(fault_proxy.base_url, tmp_path / "b", 4))
+    assert again.returncode == 0, again.stderr
+    assert fault_proxy.bodies == []  # every answer came from the cache
+    rows_a = read_jsonl(tmp_path / "a" / "instructions.jsonl")
+    assert [r["instruction"] for r in read_jsonl(tmp_path / "b" / "instructions.jsonl")] == [
+        r["instruction"] for r in rows_a
+    ]
+    changed = run_distill(
+        *openai_generate_args(fault_proxy.base_url, tmp_path / "c", 4), "--set", "generate.temperature=0.6"
+    )
+    assert changed.returncode == 0, changed.stderr
+    assert len(fault_proxy.bodies) >= 1  # a setting that changes answers is not served from cache
+
+
+@pytest.mark.slow
+def test_malformed_replies_go_to_failures_with_the_raw_text(fault_proxy: FaultProxy, tmp_path: Path) -> None:
+    fault_proxy.plan(
+        Fault("reply", body="I cannot produce JSON today."), Fault("reply", body='{"tasks": [{"instruction": 7}]}')
+    )
+    run_dir = tmp_path / "run"
+    result = run_distill(*openai_generate_args(fault_proxy.base_url, run_dir, 3, "--set", "generate.cache=false"))
+    assert result.returncode == 0, result.stderr
+    failures = read_jsonl(run_dir / "failures.jsonl")
+    raws = [f.get("raw") for f in failures]
+    assert "I cannot produce JSON today." in raws
+    assert '{"tasks": [{"instruction": 7}]}' in raws
+    rows = read_jsonl(run_dir / "instructions.jsonl")
+    assert len(rows) == 3 and all(isinstance(r["instruction"], str) and r["instruction"] for r in rows)
+    assert not any("cannot produce JSON" in json.dumps(r) for r in rows)
