@@ -17,9 +17,7 @@ import json
 import os
 import statistics
 import subprocess
-import sys
 import time
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
@@ -98,37 +96,9 @@ def bench_vllm(texts: list[str], max_tokens: int, repeats: int) -> dict[str, flo
 
 def start_server(port: int) -> subprocess.Popen[bytes]:
     from distill.models import prepare
+    from tests.vllm_server import start_vllm_server
 
-    command = [
-        sys.executable,
-        "-m",
-        "vllm.entrypoints.openai.api_server",
-        "--model",
-        str(prepare("smollm2-135m-instruct")),
-        "--served-model-name",
-        "smollm2",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--max-model-len",
-        "2048",
-        "--enforce-eager",
-        "--dtype",
-        "float32",
-    ]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError("vLLM server exited")
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=5)
-            return process
-        except OSError:
-            time.sleep(2)
-    process.kill()
-    raise RuntimeError("vLLM server did not start")
+    return start_vllm_server(prepare("smollm2-135m-instruct"), "smollm2", port)
 
 
 def bench_openai(base_url: str, texts: list[str], max_tokens: int, repeats: int) -> dict[str, float]:

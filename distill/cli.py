@@ -32,6 +32,9 @@ def handle_errors(function: Callable[..., Any]) -> Callable[..., Any]:
             for line in str(exc).splitlines() or ["error"]:
                 click.echo(f"error: {line}", err=True)
             sys.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            click.echo("interrupted: saved work is kept; run the same command again to resume", err=True)
+            sys.exit(130)
 
     return wrapper
 

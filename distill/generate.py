@@ -252,10 +252,14 @@ class Generator:
         return self._teacher
 
     def teacher_identity(self) -> dict[str, Any]:
+        """The teacher part of cache keys, the same whether or not the teacher is loaded."""
         if self._teacher is not None:
-            return self._teacher.cache_identity()
+            return self._teacher.cache_identity(self._teacher.model, self._teacher.options)
+        from distill.plugins import get_teachers
+
         t = self.config.teacher
-        return {"backend": t.backend, "model": t.model, "options": t.options}
+        teacher_class = get_teachers()[t.backend]
+        return teacher_class.cache_identity(t.model, teacher_class.options_model.model_validate(t.options))
 
     def build_request(self, index: int) -> tuple[ChatRequest, list[str]]:
         """Request number ``index``: the same seed, settings and kept tasks give the same request."""
@@ -322,11 +326,12 @@ class Generator:
         self.state.requests += len(requests)
         answers: dict[str, ChatResult] = {}
         new_rows = []
+        identity = self.teacher_identity()
         for request in requests:
             if request.id in saved:
                 answers[request.id] = saved[request.id]
                 self.state.replayed += 1
-            elif cache is not None and (hit := cache.get(RequestCache.key(self.teacher_identity(), request))):
+            elif cache is not None and (hit := cache.get(RequestCache.key(identity, request))):
                 answers[request.id] = hit
                 self.state.cached += 1
                 new_rows.append({"request_id": request.id, "request": request.model_dump(), "result": hit.model_dump()})
@@ -340,7 +345,6 @@ class Generator:
                 {"request_id": r.id, "request": r.model_dump(), "result": res.model_dump()} for r, res in good
             )
             if cache is not None:
-                identity = self.teacher_identity()
                 cache.put_many([(RequestCache.key(identity, r), res) for r, res in good])
             raise_on_fatal(results)  # after saving what succeeded
             answers.update({r.id: res for r, res in zip(to_send, results)})

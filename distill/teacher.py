@@ -46,11 +46,12 @@ class Teacher(ABC):
     def generate(self, requests: list[ChatRequest]) -> list[ChatResult]:
         """Answer every request, in order. Never raise for a per-request problem."""
 
-    def cache_identity(self) -> dict[str, Any]:
+    @classmethod
+    def cache_identity(cls, model: str, options: Any) -> dict[str, Any]:
         """What, besides the request, decides the answer: part of every request-cache key.
-        Backends add options that change answers (dtype, adapter, server URL), not ones that
-        only change speed."""
-        return {"backend": self.name, "model": self.model}
+        A classmethod, so a rerun can look answers up without loading the model. Backends add
+        options that change answers (dtype, adapter, server URL), not ones that only change speed."""
+        return {"backend": cls.name, "model": model}
 
     def close(self) -> None:  # noqa: B027 - optional hook, most backends have nothing to free
         """Free the model, the engine or the connection pool."""

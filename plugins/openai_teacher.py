@@ -152,8 +152,13 @@ class OpenAITeacher(Teacher):
             max_retries=0,  # retries are ours: we honour retry-after and count attempts
         )
 
-    def cache_identity(self) -> dict[str, Any]:
-        return {**super().cache_identity(), "base_url": self.options.base_url, "extra_body": self.options.extra_body}
+    @classmethod
+    def cache_identity(cls, model: str, options: Any) -> dict[str, Any]:
+        return {
+            **super().cache_identity(model, options),
+            "base_url": options.base_url,
+            "extra_body": options.extra_body,
+        }
 
     def generate(self, requests: list[ChatRequest]) -> list[ChatResult]:
         return run_sync(self.agenerate(requests))

@@ -67,8 +67,9 @@ class TransformersTeacher(Teacher):
             self.hf_model = PeftModel.from_pretrained(self.hf_model, opts.adapter)
         self.hf_model.eval()
 
-    def cache_identity(self) -> dict[str, Any]:
-        return {**super().cache_identity(), "dtype": self.options.dtype, "adapter": self.options.adapter}
+    @classmethod
+    def cache_identity(cls, model: str, options: Any) -> dict[str, Any]:
+        return {**super().cache_identity(model, options), "dtype": options.dtype, "adapter": options.adapter}
 
     def generate(self, requests: list[ChatRequest]) -> list[ChatResult]:
         results: dict[int, ChatResult] = {}

@@ -90,9 +90,9 @@ class VllmTeacher(Teacher):
 
             self.chat_template = read_prompt("chat_templates/default.jinja")
 
-    def cache_identity(self) -> dict[str, Any]:
-        opts = self.options
-        return {**super().cache_identity(), "dtype": opts.dtype, "engine_args": opts.engine_args}
+    @classmethod
+    def cache_identity(cls, model: str, options: Any) -> dict[str, Any]:
+        return {**super().cache_identity(model, options), "dtype": options.dtype, "engine_args": options.engine_args}
 
     def sampling_params(self, request: ChatRequest) -> Any:
         from vllm import SamplingParams
