@@ -274,12 +274,14 @@ def test_sigkill_then_rerun_resumes_without_duplicates_or_repeats(fault_proxy: F
 
 @pytest.mark.slow
 def test_identical_rerun_is_free_and_changed_settings_miss(fault_proxy: FaultProxy, tmp_path: Path) -> None:
-    first = run_distill(*openai_generate_args(fault_proxy.base_url, tmp_path / "a", 4))
+    # A fresh example-sampling seed: the machine-wide cache can't know these requests yet.
+    fresh = ("--set", f"generate.seed={random.randrange(10**9)}")
+    first = run_distill(*openai_generate_args(fault_proxy.base_url, tmp_path / "a", 4, *fresh))
     assert first.returncode == 0, first.stderr
     sent = len(fault_proxy.bodies)
     assert sent > 0
     fault_proxy.reset()
-    again = run_distill(*openai_generate_args(fault_proxy.base_url, tmp_path / "b", 4))
+    again = run_distill(*openai_generate_args(fault_proxy.base_url, tmp_path / "b", 4, *fresh))
     assert again.returncode == 0, again.stderr
     assert fault_proxy.bodies == []  # every answer came from the cache
     rows_a = read_jsonl(tmp_path / "a" / "instructions.jsonl")
@@ -287,7 +289,7 @@ def test_identical_rerun_is_free_and_changed_settings_miss(fault_proxy: FaultPro
         r["instruction"] for r in rows_a
     ]
     changed = run_distill(
-        *openai_generate_args(fault_proxy.base_url, tmp_path / "c", 4), "--set", "generate.temperature=0.6"
+        *openai_generate_args(fault_proxy.base_url, tmp_path / "c", 4, *fresh), "--set", "generate.temperature=0.6"
     )
     assert changed.returncode == 0, changed.stderr
     assert len(fault_proxy.bodies) >= 1  # a setting that changes answers is not served from cache
