@@ -183,11 +183,7 @@ class NearDuplicateIndex:
     def _prefix(self, ids: list[int]) -> list[tuple[int, int]]:
         """The first tokens of ``ids`` in the global order that any qualifying pair must share.
         Repeated tokens are told apart by occurrence number, so overlaps count multisets."""
-        seen: Counter[int] = Counter()
-        tagged = []
-        for token_id in ids:
-            tagged.append((token_id, seen[token_id]))
-            seen[token_id] += 1
+        tagged = _with_occurrences(ids)
         tagged.sort(key=lambda item: (self._order_keys[item[0]], item[1]))
         t = self.threshold
         min_overlap = math.ceil(t * len(ids) / (2 - t) - 1e-9)
@@ -237,14 +233,19 @@ class NearDuplicateIndex:
         return True, found
 
 
-def _tagged_set(ids: list[int]) -> frozenset[int]:
-    """Token ids tagged with their occurrence number: set overlap of these = multiset overlap."""
+def _with_occurrences(ids: list[int]) -> list[tuple[int, int]]:
+    """Each token id with its occurrence number (0 for the first, 1 for a repeat, ...)."""
     seen: Counter[int] = Counter()
     tagged = []
     for token_id in ids:
-        tagged.append(token_id << 16 | min(seen[token_id], 0xFFFF))
+        tagged.append((token_id, seen[token_id]))
         seen[token_id] += 1
-    return frozenset(tagged)
+    return tagged
+
+
+def _tagged_set(ids: list[int]) -> frozenset[int]:
+    """Token ids tagged with their occurrence number: set overlap of these = multiset overlap."""
+    return frozenset(token_id << 16 | min(occurrence, 0xFFFF) for token_id, occurrence in _with_occurrences(ids))
 
 
 def quadratic_dedup(texts: list[str], threshold: float = 0.7) -> list[bool]:
