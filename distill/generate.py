@@ -38,8 +38,8 @@ from distill.records import (
     SimilarInstruction,
     Usage,
 )
-from distill.runstore import JsonlLog, RequestCache, write_atomic, write_manifest
-from distill.teacher import Teacher, load_teacher, raise_on_fatal
+from distill.runstore import AnswerSource, JsonlLog, write_atomic, write_manifest
+from distill.teacher import Teacher
 
 log = logging.getLogger(__name__)
 
@@ -231,7 +231,6 @@ class Generator:
         self.seeds = load_seed_tasks(self.settings.seed_file)
         self.template, self.template_sha = load_template(self.settings.template)
         self._teacher = teacher
-        self.owns_teacher = teacher is None
         self.reply_format = self._reply_format()
         self.index = NearDuplicateIndex(self.settings.filters.rouge_l_threshold)
         for seed in self.seeds:  # like Alpaca, new tasks must differ from the seeds too
@@ -245,22 +244,6 @@ class Generator:
 
         backend = self._teacher.name if self._teacher else self.config.teacher.backend
         return "json" if get_teachers()[backend].supports_response_format else "text"
-
-    @property
-    def teacher(self) -> Teacher:
-        if self._teacher is None:  # loaded only when some answer is neither logged nor cached
-            self._teacher = load_teacher(self.config.teacher)
-        return self._teacher
-
-    def teacher_identity(self) -> dict[str, Any]:
-        """The teacher part of cache keys, the same whether or not the teacher is loaded."""
-        if self._teacher is not None:
-            return self._teacher.cache_identity(self._teacher.model, self._teacher.options)
-        from distill.plugins import get_teachers
-
-        t = self.config.teacher
-        teacher_class = get_teachers()[t.backend]
-        return teacher_class.cache_identity(t.model, teacher_class.options_model.model_validate(t.options))
 
     def build_request(self, index: int) -> tuple[ChatRequest, list[str]]:
         """Request number ``index``: the same seed, settings and kept tasks give the same request."""
@@ -289,9 +272,9 @@ class Generator:
     def run(self, progress: Any = None) -> dict[str, Any]:
         s = self.settings
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        responses = JsonlLog(self.run_dir / RESPONSES)
-        saved = {row["request_id"]: ChatResult.model_validate(row["result"]) for row in responses.read()}
-        cache = RequestCache() if s.cache else None
+        answers = AnswerSource.for_teacher(
+            self.config.teacher, self._teacher, JsonlLog(self.run_dir / RESPONSES), cache=s.cache
+        )
         # Derived outputs are rebuilt from the answer log on every start: never a duplicate row.
         outputs = {
             name: (self.run_dir / name).open("w", encoding="utf-8") for name in (INSTRUCTIONS, REJECTED, FAILURES)
@@ -302,55 +285,27 @@ class Generator:
             while len(self.state.kept) < s.target and index < s.max_requests:
                 batch = [self.build_request(i) for i in range(index, min(index + s.batch_size, s.max_requests))]
                 index += len(batch)
-                results = self._answers([request for request, _ in batch], saved, responses, cache)
+                results = answers.generate([request for request, _ in batch])
                 for (request, seed_ids), result in zip(batch, results):
                     self._process(request, seed_ids, result, outputs)
                     if len(self.state.kept) >= s.target:
                         break
                 for handle in outputs.values():
                     handle.flush()
+                self._count(answers)
                 if progress is not None:
                     progress(self.state, time.perf_counter() - started)
         finally:
             for handle in outputs.values():
                 handle.close()
-            if cache is not None:
-                cache.close()
-            if self.owns_teacher and self._teacher is not None:
-                self._teacher.close()
+            answers.close()
+        self._count(answers)
         return self.finish(time.perf_counter() - started)
 
-    def _answers(
-        self, requests: list[ChatRequest], saved: dict[str, ChatResult], responses: JsonlLog, cache: RequestCache | None
-    ) -> list[ChatResult]:
-        """Answers from the run's log, else the cache, else the teacher; new ones are saved first."""
-        self.state.requests += len(requests)
-        answers: dict[str, ChatResult] = {}
-        new_rows = []
-        identity = self.teacher_identity()
-        for request in requests:
-            if request.id in saved:
-                answers[request.id] = saved[request.id]
-                self.state.replayed += 1
-            elif cache is not None and (hit := cache.get(RequestCache.key(identity, request))):
-                answers[request.id] = hit
-                self.state.cached += 1
-                new_rows.append({"request_id": request.id, "request": request.model_dump(), "result": hit.model_dump()})
-        responses.append(new_rows)
-        to_send = [r for r in requests if r.id not in answers]
-        if to_send:
-            results = self.teacher.generate(to_send)
-            self.state.sent += len(to_send)
-            good = [(r, res) for r, res in zip(to_send, results) if res.ok]
-            responses.append(
-                {"request_id": r.id, "request": r.model_dump(), "result": res.model_dump()} for r, res in good
-            )
-            if cache is not None:
-                cache.put_many([(RequestCache.key(identity, r), res) for r, res in good])
-            raise_on_fatal(results)  # after saving what succeeded
-            answers.update({r.id: res for r, res in zip(to_send, results)})
-        saved.update((request_id, answer) for request_id, answer in answers.items() if answer.ok)
-        return [answers[r.id] for r in requests]
+    def _count(self, answers: AnswerSource) -> None:
+        counts = answers.counts
+        self.state.requests, self.state.sent = counts.requests, counts.sent
+        self.state.cached, self.state.replayed = counts.cached, counts.replayed
 
     def _process(self, request: ChatRequest, seed_ids: list[str], result: ChatResult, outputs: dict[str, Any]) -> None:
         state, s = self.state, self.settings

@@ -4,6 +4,8 @@
   last line (a crash mid-write) so the work it described is simply redone.
 - ``RequestCache``: answers of successful teacher requests in SQLite under ``$DISTILL_HOME``,
   keyed by everything that changes the answer (teacher identity + request content + slot).
+- ``AnswerSource``: answers from the run's log, else the cache, else the teacher (loaded only when
+  needed); new answers are saved before they are used. Generate, judge and the RL reward use it.
 - ``write_atomic``: outputs appear complete or not at all.
 """
 
@@ -15,7 +17,8 @@ import logging
 import os
 import sqlite3
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -24,6 +27,7 @@ from typing import Any
 from distill.config import distill_home
 from distill.errors import DistillError
 from distill.records import ChatRequest, ChatResult
+from distill.teacher import Teacher, raise_on_fatal
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +106,115 @@ class RequestCache:
 
     def close(self) -> None:
         self.db.close()
+
+
+@dataclass
+class AnswerCounts:
+    requests: int = 0
+    replayed: int = 0
+    cached: int = 0
+    sent: int = 0
+
+
+@dataclass
+class AnswerSource:
+    """A teacher behind the run's answer log and the shared request cache.
+
+    ``generate(requests)`` looks like ``Teacher.generate``, so judges use it unchanged. Answers
+    already in ``log`` are replayed (a rerun sends nothing twice), then the cache is asked, then
+    the teacher; successful new answers are appended to the log and the cache *before* they are
+    returned, so a crash right after loses nothing. Failures are returned, never saved: a rerun
+    retries them. A fatal failure raises ``TeacherError`` after the good answers are saved.
+    """
+
+    load_teacher: Callable[[], Teacher]
+    identity: dict[str, Any]
+    teacher_class: type[Teacher]
+    model: str
+    log: JsonlLog | None = None
+    cache: RequestCache | None = None
+    counts: AnswerCounts = field(default_factory=AnswerCounts)
+    _teacher: Teacher | None = None
+    owns_teacher: bool = True
+    _saved: dict[str, ChatResult] | None = None
+
+    @property
+    def supports_response_format(self) -> bool:
+        return self.teacher_class.supports_response_format
+
+    @property
+    def supports_logprobs(self) -> bool:
+        return self.teacher_class.supports_logprobs
+
+    @property
+    def teacher(self) -> Teacher:
+        if self._teacher is None:  # loaded only when some answer is neither logged nor cached
+            self._teacher = self.load_teacher()
+        return self._teacher
+
+    @property
+    def saved(self) -> dict[str, ChatResult]:
+        if self._saved is None:
+            rows = self.log.read() if self.log is not None else []
+            self._saved = {row["request_id"]: ChatResult.model_validate(row["result"]) for row in rows}
+        return self._saved
+
+    def generate(self, requests: list[ChatRequest]) -> list[ChatResult]:
+        self.counts.requests += len(requests)
+        answers: dict[str, ChatResult] = {}
+        new_rows = []
+        for request in requests:
+            if request.id in answers:
+                continue
+            if request.id in self.saved:
+                answers[request.id] = self.saved[request.id]
+                self.counts.replayed += 1
+            elif self.cache is not None and (hit := self.cache.get(RequestCache.key(self.identity, request))):
+                answers[request.id] = hit
+                self.counts.cached += 1
+                new_rows.append(_log_row(request, hit))
+        to_send = list({r.id: r for r in requests if r.id not in answers}.values())
+        if self.log is not None:
+            self.log.append(new_rows)
+        if to_send:
+            results = self.teacher.generate(to_send)
+            self.counts.sent += len(to_send)
+            good = [(r, res) for r, res in zip(to_send, results) if res.ok]
+            if self.log is not None:
+                self.log.append(_log_row(r, res) for r, res in good)
+            if self.cache is not None:
+                self.cache.put_many([(RequestCache.key(self.identity, r), res) for r, res in good])
+            raise_on_fatal(results)  # after saving what succeeded
+            answers.update({r.id: res for r, res in zip(to_send, results)})
+        self.saved.update((request_id, answer) for request_id, answer in answers.items() if answer.ok)
+        return [answers[r.id] for r in requests]
+
+    def close(self) -> None:
+        if self.cache is not None:
+            self.cache.close()
+        if self._teacher is not None and self.owns_teacher:
+            self._teacher.close()
+
+    @classmethod
+    def for_teacher(cls, config: Any, teacher: Teacher | None, log: JsonlLog | None, cache: bool) -> AnswerSource:
+        """An answer source for a ``TeacherConfig``; ``teacher`` (already loaded, not owned) if given."""
+        from distill.plugins import get_teachers
+        from distill.teacher import load_teacher, teacher_identity
+
+        return cls(
+            load_teacher=lambda: load_teacher(config),
+            identity=teacher_identity(config, teacher),
+            teacher_class=type(teacher) if teacher is not None else get_teachers()[config.backend],
+            model=teacher.model if teacher is not None else config.model,
+            log=log,
+            cache=RequestCache() if cache else None,
+            _teacher=teacher,
+            owns_teacher=teacher is None,
+        )
+
+
+def _log_row(request: ChatRequest, result: ChatResult) -> dict[str, Any]:
+    return {"request_id": request.id, "request": request.model_dump(), "result": result.model_dump()}
 
 
 def write_atomic(path: Path, text: str) -> None:

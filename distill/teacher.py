@@ -97,6 +97,16 @@ def raise_on_fatal(results: list[ChatResult]) -> list[ChatResult]:
     return results
 
 
+def teacher_identity(config: Any, teacher: Teacher | None = None) -> dict[str, Any]:
+    """The teacher part of request-cache keys, the same whether or not the teacher is loaded."""
+    if teacher is not None:
+        return teacher.cache_identity(teacher.model, teacher.options)
+    from distill.plugins import get_teachers
+
+    teacher_class = get_teachers()[config.backend]
+    return teacher_class.cache_identity(config.model, teacher_class.options_model.model_validate(config.options))
+
+
 def load_teacher(config: Any) -> Teacher:
     """Build the teacher a validated ``TeacherConfig`` names (its options already validated)."""
     from distill.plugins import get_teachers
