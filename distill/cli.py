@@ -199,6 +199,110 @@ def generate(
 
 
 @cli.command()
+@click.argument("dataset", type=click.Path(path_type=Path))
+@config_option
+@set_option
+@click.option(
+    "--rubric",
+    "rubrics",
+    multiple=True,
+    help="Judge with this rubric (bundled name or .yaml path; repeatable); replaces judge.judges.",
+)
+@click.option("--type", "judge_type", default="rubric", show_default=True, help="Judge type used with --rubric.")
+@click.option("--teacher", "backend", help="Judge model's backend (sets judge.teacher.backend).")
+@click.option("--model", help="Judge model (sets judge.teacher.model).")
+@click.option("--run-dir", type=click.Path(path_type=Path), help="Where judgements go (resumes if present).")
+@click.option("--limit", type=int, help="Judge only the first N rows.")
+@click.option("--robustness", is_flag=True, help="Also attack each judge and report attack success rates.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@handle_errors
+def judge(
+    dataset: Path,
+    config_path: Path | None,
+    overrides: tuple[str, ...],
+    rubrics: tuple[str, ...],
+    judge_type: str,
+    backend: str | None,
+    model: str | None,
+    run_dir: Path | None,
+    limit: int | None,
+    robustness: bool,
+    as_json: bool,
+) -> None:
+    """Score DATASET with judges and write judgements.jsonl and judge_summary.json.
+
+    DATASET: a generate run directory, a JSONL or JSON file, or a saved Hugging Face dataset.
+    Resumable like generate: a rerun replays saved verdicts and sends nothing twice.
+
+    \b
+    distill judge runs/quickstart --rubric helpfulness --run-dir runs/judged
+    distill judge data.jsonl --rubric harmlessness --type score --robustness
+    distill judge pairs.jsonl --rubric helpfulness --type pairwise   # needs a response_b column
+    """
+    from distill.config import load_config
+    from distill.judge import judge_answer_source, load_judge, read_items, robustness_report, run_judge
+
+    flags: dict[str, Any] = {"run_dir": run_dir}
+    if backend is not None or model is not None:
+        flags["judge.teacher.backend"] = backend
+        flags["judge.teacher.model"] = model
+    if rubrics:
+        flags["judge.judges"] = json.dumps([{"type": judge_type, "rubric": rubric} for rubric in rubrics])
+    config = load_config(config_path, [*overrides, *(f"{k}={v}" for k, v in flags.items() if v is not None)])
+    if limit is not None:
+        dataset = _first_rows(dataset, limit, config)
+    summary = run_judge(config, dataset)
+    if robustness:
+        assert config.run_dir is not None
+        answers = judge_answer_source(config, config.run_dir)
+        try:
+            judges = [load_judge(spec, answers) for spec in config.judge.judges]
+            items = read_items(dataset, config, pairwise=False)
+            summary["robustness"] = [robustness_report(j, items) for j in judges if not j.pairwise]
+        finally:
+            answers.close()
+        from distill.runstore import write_atomic
+
+        write_atomic(config.run_dir / "robustness.json", json.dumps(summary["robustness"], indent=2))
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+        return
+    for label, entry in summary["judges"].items():
+        extra = ""
+        if "mean_agreement" in entry:
+            extra += f"  agreement {entry['mean_agreement']:.2f}"
+        if "position_consistency" in entry:
+            extra += f"  position-consistent {entry['position_consistency']:.0%}"
+        reward = "n/a" if entry["mean_reward"] is None else f"{entry['mean_reward']:.3f}"
+        click.echo(
+            f"{label}: {entry['valid']}/{entry['items']} valid ({entry['invalid_rate']:.0%} invalid)  "
+            f"mean reward {reward}  classes {entry['classes']}{extra}"
+        )
+    for report in summary.get("robustness", []):
+        click.echo(f"robustness of {report['judge']} (attack success rate):")
+        for name, attack in report["attacks"].items():
+            rate = "n/a" if attack["success_rate"] is None else f"{attack['success_rate']:.0%}"
+            click.echo(
+                f"  {name:<18} {rate:>5}  ({attack['successes']}/{attack['eligible']}, {attack['invalid']} invalid)"
+            )
+    click.echo(f"judgements: {config.run_dir / 'judgements.jsonl'}")
+
+
+def _first_rows(dataset: Path, limit: int, config: Any) -> Path:
+    """The first ``limit`` rows of DATASET as a JSONL file in the run dir (so reruns see the same rows)."""
+    from distill.judge import read_rows
+    from distill.runstore import write_atomic
+
+    if config.run_dir is None:
+        raise DistillError("--limit needs a run dir: set run_dir or pass --run-dir")
+    config.run_dir.mkdir(parents=True, exist_ok=True)
+    subset = config.run_dir / "judged_rows.jsonl"
+    rows = read_rows(dataset)[:limit]
+    write_atomic(subset, "".join(json.dumps(row, ensure_ascii=False, default=str) + "\n" for row in rows))
+    return subset
+
+
+@cli.command()
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @handle_errors
 def plugins(as_json: bool) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from distill.errors import ConfigError
 from distill.records import ChatRequest, Message
@@ -156,6 +156,49 @@ class GenerateConfig(StrictModel):
     prices: dict[str, Price] = Field(
         default_factory=lambda: dict(DEFAULT_PRICES), description="Cost table for openai models (USD per 1M tokens)."
     )
+    judge: str | None = Field(
+        None,
+        description="Keep only tasks this judge rewards >= min_reward: a label from judge.judges, "
+        "or a rubric name (a rubric judge with default options).",
+    )
+    min_reward: float | None = Field(None, description="Threshold for generate.judge.")
+
+    @model_validator(mode="after")
+    def _judge_filter(self) -> GenerateConfig:
+        if (self.judge is None) != (self.min_reward is None):
+            raise ValueError("judge and min_reward go together: set both (or neither)")
+        return self
+
+
+class JudgeSpec(StrictModel):
+    """One judge: a judge plugin, its rubric, its weight in combined rewards, its options."""
+
+    type: str = Field("rubric", description="Judge plugin: rubric, score, pairwise, rule or an installed plugin's.")
+    rubric: str | None = Field(
+        None,
+        description="Rubric name under prompts/rubrics/ (helpfulness, harmlessness, honesty, format) or a .yaml path.",
+    )
+    label: str | None = Field(None, description="Name in outputs and logs; default 'type:rubric'.")
+    weight: float = Field(1.0, description="Weight of this judge's reward when rewards are combined (RL).")
+    options: dict[str, Any] = Field(
+        default_factory=dict, description="Judge-specific options, validated by the judge's options model."
+    )
+
+
+class JudgeConfig(StrictModel):
+    """`distill judge` and every other use of judges (generate filter, RL rewards, reports)."""
+
+    teacher: TeacherConfig | None = Field(
+        None, description="The model that judges; empty: the top-level teacher judges."
+    )
+    judges: list[JudgeSpec] = Field(default_factory=list, description="The judges to run.")
+    batch_size: int = Field(32, ge=1, description="Items judged together; judgements are saved per batch.")
+    cache: bool = Field(True, description="Reuse verdicts for identical judge requests from $DISTILL_HOME/cache.")
+    prompt_field: str = Field(
+        "instruction", description="Dataset column with the prompt ('instruction' also appends 'input')."
+    )
+    response_field: str = Field("output", description="Dataset column with the response to judge.")
+    response_b_field: str = Field("response_b", description="Dataset column with response B (pairwise judges).")
 
 
 class DistillConfig(StrictModel):
@@ -165,6 +208,7 @@ class DistillConfig(StrictModel):
     teacher: TeacherConfig = Field(default_factory=TeacherConfig, description="The teacher model.")
     ask: AskConfig = Field(default_factory=AskConfig, description="Settings of `distill ask`.")
     generate: GenerateConfig = Field(default_factory=GenerateConfig, description="Settings of `distill generate`.")
+    judge: JudgeConfig = Field(default_factory=JudgeConfig, description="Judges and `distill judge` settings.")
 
 
 # Loading ---------------------------------------------------------------------------------------
@@ -191,6 +235,11 @@ def load_config(path: Path | None = None, overrides: list[str] | tuple[str, ...]
     teacher = data.get("teacher")
     if isinstance(teacher, dict):
         problems += plugin_problems(teacher)
+    judge = data.get("judge")
+    if isinstance(judge, dict) and isinstance(judge.get("teacher"), dict):
+        problems += [f"judge.{line}" for line in plugin_problems(judge["teacher"])]
+    if not problems:
+        problems += judge_problems(config)
     if problems:
         raise ConfigError(problems)
     return config
@@ -254,6 +303,23 @@ def plugin_problems(teacher: dict[str, Any]) -> list[str]:
     except ValidationError as exc:
         return format_validation_error(exc, options_model, prefix="teacher.options")
     return []
+
+
+def judge_problems(config: DistillConfig) -> list[str]:
+    """Problems with judge plugin names, their options and rubrics, and generate.judge."""
+    from distill.judge import judge_spec_problems, spec_label
+
+    problems = []
+    for number, spec in enumerate(config.judge.judges):
+        problems += judge_spec_problems(spec, f"judge.judges.{number}")
+    labels = [spec_label(spec) for spec in config.judge.judges]
+    repeated = sorted({label for label in labels if labels.count(label) > 1})
+    if repeated:
+        problems.append(f"judge.judges: labels must be unique, repeated: {', '.join(repeated)}; set label")
+    wanted = config.generate.judge
+    if wanted is not None and wanted not in labels:
+        problems += judge_spec_problems(JudgeSpec(type="rubric", rubric=wanted), "generate.judge")
+    return problems
 
 
 # Error messages --------------------------------------------------------------------------------

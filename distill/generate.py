@@ -38,7 +38,7 @@ from distill.records import (
     SimilarInstruction,
     Usage,
 )
-from distill.runstore import AnswerSource, JsonlLog, write_atomic, write_manifest
+from distill.runstore import AnswerSource, JsonlLog, RequestCache, write_atomic, write_manifest
 from distill.teacher import Teacher
 
 log = logging.getLogger(__name__)
@@ -279,6 +279,7 @@ class Generator:
         outputs = {
             name: (self.run_dir / name).open("w", encoding="utf-8") for name in (INSTRUCTIONS, REJECTED, FAILURES)
         }
+        judge, judge_answers = self._filter_judge(answers)
         started = time.perf_counter()
         try:
             index = 0
@@ -286,10 +287,16 @@ class Generator:
                 batch = [self.build_request(i) for i in range(index, min(index + s.batch_size, s.max_requests))]
                 index += len(batch)
                 results = answers.generate([request for request, _ in batch])
+                candidates: list[Instruction] = []
                 for (request, seed_ids), result in zip(batch, results):
-                    self._process(request, seed_ids, result, outputs)
-                    if len(self.state.kept) >= s.target:
+                    candidates += self._process(request, seed_ids, result, outputs, pending=len(candidates))
+                    if judge is None:
+                        self._keep(candidates, outputs)
+                        candidates = []
+                    if len(self.state.kept) + len(candidates) >= s.target:
                         break
+                if judge is not None:
+                    self._judge_and_keep(judge, candidates, outputs)
                 for handle in outputs.values():
                     handle.flush()
                 self._count(answers)
@@ -298,6 +305,8 @@ class Generator:
         finally:
             for handle in outputs.values():
                 handle.close()
+            if judge_answers is not None:
+                judge_answers.close()
             answers.close()
         self._count(answers)
         return self.finish(time.perf_counter() - started)
@@ -307,8 +316,78 @@ class Generator:
         self.state.requests, self.state.sent = counts.requests, counts.sent
         self.state.cached, self.state.replayed = counts.cached, counts.replayed
 
-    def _process(self, request: ChatRequest, seed_ids: list[str], result: ChatResult, outputs: dict[str, Any]) -> None:
+    def _filter_judge(self, answers: AnswerSource) -> tuple[Any, AnswerSource | None]:
+        """The judge of generate.judge (or None), on its own answer log. With no separate judge
+        teacher, it shares the generating teacher (one engine in memory)."""
+        if self.settings.judge is None:
+            return None, None
+        from distill.config import JudgeSpec
+        from distill.judge import JUDGE_RESPONSES, load_judge, spec_label
+
+        specs = {spec_label(spec): spec for spec in self.config.judge.judges}
+        spec = specs.get(self.settings.judge) or JudgeSpec(type="rubric", rubric=self.settings.judge)
+        log = JsonlLog(self.run_dir / JUDGE_RESPONSES)
+        judge_teacher = self.config.judge.teacher
+        if judge_teacher is None:
+            judge_answers = AnswerSource(
+                load_teacher=lambda: answers.teacher,
+                identity=answers.identity,
+                teacher_class=answers.teacher_class,
+                model=answers.model,
+                log=log,
+                cache=RequestCache() if self.config.judge.cache else None,
+                owns_teacher=False,
+            )
+        else:
+            judge_answers = AnswerSource.for_teacher(judge_teacher, None, log, cache=self.config.judge.cache)
+        return load_judge(spec, judge_answers, where="generate.judge"), judge_answers
+
+    def _keep(self, rows: list[Instruction], outputs: dict[str, Any]) -> None:
+        for row in rows:
+            if len(self.state.kept) >= self.settings.target:
+                return
+            self.state.kept.append(row)
+            outputs[INSTRUCTIONS].write(row.model_dump_json() + "\n")
+
+    def _judge_and_keep(self, judge: Any, candidates: list[Instruction], outputs: dict[str, Any]) -> None:
+        """Keep candidates the judge rewards >= min_reward; reject the rest (an invalid verdict is a
+        rejection with its raw text, never a pass)."""
+        from distill.records import JudgeItem
+
+        if not candidates:
+            return
+        items = [JudgeItem(id=row.id, prompt=row.messages[0].content, response=row.output) for row in candidates]
+        judgements = judge.judge(items)
+        keep = []
+        for row, judgement in zip(candidates, judgements):
+            if judgement.valid and judgement.reward >= self.settings.min_reward:
+                keep.append(row.model_copy(update={"judge_reward": judgement.reward}))
+                continue
+            reason = "judge_invalid" if not judgement.valid else "low_reward"
+            self.state.rejected[reason] += 1
+            outputs[REJECTED].write(
+                json.dumps(
+                    {
+                        "id": row.id,
+                        "request_id": row.provenance.request_id,
+                        "reason": reason,
+                        "instruction": row.instruction,
+                        "input": row.input,
+                        "output": row.output,
+                        "judgement": judgement.model_dump(),
+                    },
+                    ensure_ascii=False,
+                )
+                + "\n"
+            )
+        self._keep(keep, outputs)
+
+    def _process(
+        self, request: ChatRequest, seed_ids: list[str], result: ChatResult, outputs: dict[str, Any], pending: int = 0
+    ) -> list[Instruction]:
+        """Parse, filter and dedup one reply; return the rows that pass (not yet kept)."""
         state, s = self.state, self.settings
+        candidates: list[Instruction] = []
         state.usage.prompt_tokens += result.usage.prompt_tokens
         state.usage.completion_tokens += result.usage.completion_tokens
 
@@ -318,18 +397,18 @@ class Generator:
 
         if result.error is not None:
             fail(f"teacher_error:{result.error.kind}", error=result.error.model_dump())
-            return
+            return candidates
         text, finish_reason = result.texts[0], result.finish_reasons[0]
         tasks, problems = parse_reply(text, self.reply_format)
         if not tasks:
             fail("unparseable_reply", problems=problems, finish_reason=finish_reason, raw=text)
-            return
+            return candidates
         for problem in problems:
             fail("unparseable_task", problem=problem, raw=text)
         created = datetime.now(timezone.utc).isoformat()
         for position, task in enumerate(tasks):
-            if len(state.kept) >= s.target:
-                return
+            if len(state.kept) + pending + len(candidates) >= s.target:
+                return candidates
             row_id = f"{request.id}-{position}"
             truncated = finish_reason == "length" and position == len(tasks) - 1  # Alpaca: the last one
             reason = rejection_reason(task, s.filters, truncated)
@@ -381,8 +460,8 @@ class Generator:
                     usage=result.usage,
                 ),
             )
-            state.kept.append(row)
-            outputs[INSTRUCTIONS].write(row.model_dump_json() + "\n")
+            candidates.append(row)
+        return candidates
 
     def finish(self, seconds: float) -> dict[str, Any]:
         """Write the dataset (HF, Parquet, alpaca.json), the card and the manifest; return the summary."""

@@ -27,6 +27,8 @@ DEFAULT_PLUGINS = (
     "distill_plugins.openai_teacher",
     "distill_plugins.vllm_teacher",
     "distill_plugins.transformers_teacher",
+    "distill_plugins.judges",
+    "distill_plugins.rule_judge",
 )
 
 pm = pluggy.PluginManager("distill")

@@ -145,3 +145,39 @@ class Instruction(Record):
     )
     max_rouge_l: float = Field(0.0, description="Highest ROUGE-L F against a kept instruction (0 if none near).")
     provenance: Provenance = Field(description="Where this row came from.")
+    judge_reward: float | None = Field(
+        None, description="Reward of generate.judge, when generation filters by a judge."
+    )
+
+
+class JudgeItem(Record):
+    """What a judge looks at: a prompt and a response (and a second response for A-vs-B judges)."""
+
+    id: str = Field(description="Row id in the judged dataset.")
+    prompt: str = Field(description="The request the response answers.")
+    response: str = Field(description="The response judged (response A for pairwise judges).")
+    response_b: str | None = Field(None, description="Response B, for pairwise judges.")
+
+
+class Judgement(Record):
+    """A judge's verdict on one item. ``valid`` is False when no verdict could be read: then
+    ``reward`` is None (never a default) and ``raw`` keeps what the judge said."""
+
+    item_id: str = Field(description="The JudgeItem's id.")
+    judge: str = Field(description="Judge label (from the config; default 'type:rubric').")
+    judge_type: str = Field(description="Judge plugin name.")
+    rubric: str | None = Field(description="Rubric name, for rubric-based judges.")
+    verdict: str | None = Field(description="Class id, score, or A / B / tie; None when invalid.")
+    reward: float | None = Field(description="Reward of the verdict; None when invalid.")
+    invalid_reason: str | None = Field(None, description="Why no verdict was read (not_json, no_answer_line, ...).")
+    raw: list[str] = Field(default_factory=list, description="The judge's raw replies (or the error text).")
+    samples: list[str | None] = Field(default_factory=list, description="Verdict of each sampled reply.")
+    agreement: float | None = Field(None, description="Share of samples agreeing with the verdict (k > 1).")
+    probabilities: dict[str, float] | None = Field(None, description="Class probabilities from logprobs.")
+    position_consistent: bool | None = Field(None, description="Pairwise: same winner in both orders.")
+    judge_model: str | None = Field(None, description="Model that judged (None for rule-based judges).")
+    latency_s: float = Field(0.0, description="Judge wall time for this item.")
+
+    @property
+    def valid(self) -> bool:
+        return self.verdict is not None

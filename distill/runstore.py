@@ -140,11 +140,11 @@ class AnswerSource:
 
     @property
     def supports_response_format(self) -> bool:
-        return self.teacher_class.supports_response_format
+        return (self._teacher or self.teacher_class).supports_response_format
 
     @property
     def supports_logprobs(self) -> bool:
-        return self.teacher_class.supports_logprobs
+        return (self._teacher or self.teacher_class).supports_logprobs
 
     @property
     def teacher(self) -> Teacher:
