@@ -31,8 +31,12 @@ def register_teachers(register: Callable[[type[Any]], None]) -> None:
 def register_judges(register: Callable[[type[Any]], None]) -> None:
     """Register judges.
 
-    Called once, the first time distill needs the list of judges. Call ``register(JudgeClass)``
-    for each judge; the class sets ``name`` and turns (prompt, response) items into judgements.
+    Called once, the first time distill needs the list of judges (``distill judge``, config
+    validation, RL rewards). Call ``register(JudgeClass)`` for each judge; the class subclasses
+    ``distill.judge.Judge``, sets ``name`` (what users write in ``judge.judges[].type``),
+    ``options_model``, ``needs_teacher`` / ``needs_rubric`` / ``pairwise``, and implements
+    ``judge(items) -> judgements``: one ``Judgement`` per ``JudgeItem``, invalid (verdict and
+    reward None, raw text kept) when no verdict could be read.
     """
 
 

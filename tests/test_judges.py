@@ -411,3 +411,31 @@ def test_robustness_report_catches_a_gullible_judge_and_passes_a_firm_one() -> N
     firm = robustness_report(make_judge(lambda p, k: '{"class": "B"}'), items)
     assert all(attack["success_rate"] == 0.0 for attack in firm["attacks"].values())
     assert firm["attacks"]["ignore_rubric"]["eligible"] == 4
+
+
+def test_the_readme_judge_plugin_works_through_the_hook() -> None:
+    """The `register_judges` example in the README, registered at run time like an installed plugin."""
+    import re
+    import types
+
+    from distill.plugins import get_judges, pm
+    from tests.conftest import REPO
+
+    readme = (REPO / "README.md").read_text()
+    section = readme.split("### `register_judges(register)`", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    module = types.ModuleType("readme_judge_plugin")
+    exec(compile(code, "README.md", "exec"), module.__dict__)
+    pm.register(module, name="readme_judge_plugin")
+    get_judges.cache_clear()
+    try:
+        config = load_config(None, ["judge.judges=[{type: polite, options: {word: thanks}}]"])
+        judge = load_judge(config.judge.judges[0], teacher=None)
+        items = [JudgeItem(id="1", prompt="q", response="thanks!"), JudgeItem(id="2", prompt="q", response="no")]
+        assert [(j.verdict, j.reward) for j in judge.judge(items)] == [("yes", 1.0), ("no", 0.0)]
+        assert get_judges().owners["polite"] == "readme_judge_plugin"
+        with pytest.raises(ConfigError, match=r"options\.wrod: unknown field; allowed: word"):
+            load_config(None, ["judge.judges=[{type: polite, options: {wrod: x}}]"])
+    finally:
+        pm.unregister(name="readme_judge_plugin")
+        get_judges.cache_clear()

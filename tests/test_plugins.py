@@ -18,7 +18,7 @@ import distill
 from distill import hookspecs
 from distill.config import load_config
 from distill.errors import PluginError
-from distill.plugins import DEFAULT_PLUGINS, get_teachers, pm
+from distill.plugins import DEFAULT_PLUGINS, get_judges, get_teachers, pm
 from distill.records import ChatRequest, ChatResult, Message
 from distill.teacher import Teacher, load_teacher
 from tests.conftest import REPO, run_distill
@@ -74,7 +74,12 @@ def echo_plugin() -> Iterator[None]:
 def test_builtin_teachers_come_through_the_hooks() -> None:
     teachers = get_teachers()
     assert {"openai", "vllm", "transformers"} <= set(teachers.names())
-    assert {teachers.owners[name] for name in ("openai", "vllm", "transformers")} == set(DEFAULT_PLUGINS)
+    assert {teachers.owners[name] for name in ("openai", "vllm", "transformers")} == {
+        f"distill_plugins.{module}" for module in ("openai_teacher", "vllm_teacher", "transformers_teacher")
+    }
+    judges = get_judges()
+    assert {judges.owners[name] for name in judges.names()} == {"distill_plugins.judges", "distill_plugins.rule_judge"}
+    assert set(DEFAULT_PLUGINS) <= set(teachers.owners.values()) | set(judges.owners.values())
 
 
 def test_core_never_imports_builtin_plugins() -> None:
