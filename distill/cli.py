@@ -290,8 +290,7 @@ def judge(
 
 def _first_rows(dataset: Path, limit: int, config: Any) -> Path:
     """The first ``limit`` rows of DATASET as a JSONL file in the run dir (so reruns see the same rows)."""
-    from distill.judge import read_rows
-    from distill.runstore import write_atomic
+    from distill.runstore import read_rows, write_atomic
 
     if config.run_dir is None:
         raise DistillError("--limit needs a run dir: set run_dir or pass --run-dir")
@@ -300,6 +299,123 @@ def _first_rows(dataset: Path, limit: int, config: Any) -> Path:
     rows = read_rows(dataset)[:limit]
     write_atomic(subset, "".join(json.dumps(row, ensure_ascii=False, default=str) + "\n" for row in rows))
     return subset
+
+
+@cli.group()
+def train() -> None:
+    """Train the student: LoRA SFT on the teacher's data, then RL against judge rewards."""
+
+
+train_options = [
+    config_option,
+    set_option,
+    click.option("--student", help="Student model: bundled alias, local HF directory or hub id."),
+    click.option("--run-dir", type=click.Path(path_type=Path), help="Run directory (data and outputs)."),
+    click.option("--max-steps", type=int, help="Optimizer steps."),
+    click.option("--resume", is_flag=True, help="Continue from the last checkpoint in the output dir."),
+    click.option("--overwrite", is_flag=True, help="Delete an earlier run in the output dir and start over."),
+    click.option("--no-progress", is_flag=True, help="No progress bar."),
+]
+
+
+def with_train_options(function: Callable[..., Any]) -> Callable[..., Any]:
+    for option in reversed(train_options):
+        function = option(function)
+    return function
+
+
+def _train_config(
+    stage: str,
+    config_path: Path | None,
+    overrides: tuple[str, ...],
+    student: str | None,
+    run_dir: Path | None,
+    max_steps: int | None,
+) -> Any:
+    from distill.config import load_config
+
+    flags = {"train.student": student, "run_dir": run_dir, f"train.{stage}.max_steps": max_steps}
+    return load_config(config_path, [*overrides, *(f"{k}={v}" for k, v in flags.items() if v is not None)])
+
+
+@train.command("sft")
+@with_train_options
+@handle_errors
+def train_sft(
+    config_path: Path | None,
+    overrides: tuple[str, ...],
+    student: str | None,
+    run_dir: Path | None,
+    max_steps: int | None,
+    resume: bool,
+    overwrite: bool,
+    no_progress: bool,
+) -> None:
+    """LoRA SFT of the student on a generate run (or any Alpaca JSON / JSONL / HF dataset).
+
+    Writes the adapter, a model card, metrics.jsonl, TensorBoard logs and checkpoints to
+    train.sft.output_dir (default RUN_DIR/sft). Works under `accelerate launch` / `torchrun`.
+
+    \b
+    distill train sft -c examples/quickstart.yaml
+    distill train sft --run-dir runs/data --student gemma-3-270m --max-steps 200
+    distill train sft -c my.yaml --resume          # after a crash: continue from the last checkpoint
+    """
+    from distill.train import run_sft
+
+    config = _train_config("sft", config_path, overrides, student, run_dir, max_steps)
+    summary = run_sft(config, resume=resume, overwrite=overwrite, progress=not no_progress)
+    click.echo(json.dumps(summary, indent=2))
+
+
+@train.command("rl")
+@with_train_options
+@handle_errors
+def train_rl(
+    config_path: Path | None,
+    overrides: tuple[str, ...],
+    student: str | None,
+    run_dir: Path | None,
+    max_steps: int | None,
+    resume: bool,
+    overwrite: bool,
+    no_progress: bool,
+) -> None:
+    """RL (GRPO by default, or RLOO) of the student against the judges' rewards (judge.judges).
+
+    Starts from the SFT adapter (train.rl.start_from=sft) or the base student; prompts are the
+    held-in instructions of the SFT data. Outputs like `train sft`, in RUN_DIR/rl.
+
+    \b
+    distill train rl -c examples/quickstart.yaml
+    distill train rl -c my.yaml --set train.rl.algorithm=rloo --max-steps 100
+    """
+    from distill.train import run_rl
+
+    config = _train_config("rl", config_path, overrides, student, run_dir, max_steps)
+    summary = run_rl(config, resume=resume, overwrite=overwrite, progress=not no_progress)
+    click.echo(json.dumps(summary, indent=2))
+
+
+@cli.command()
+@click.argument("adapter_dir", type=click.Path(path_type=Path))
+@click.option("--merge", is_flag=True, required=True, help="Merge the LoRA adapter into the base weights.")
+@click.option(
+    "--out", "out_dir", type=click.Path(path_type=Path), required=True, help="Directory for the merged model."
+)
+@click.option("--trust-remote-code", is_flag=True, help="Allow model code from the base model's directory.")
+@handle_errors
+def export(adapter_dir: Path, merge: bool, out_dir: Path, trust_remote_code: bool) -> None:
+    """Write base model + LoRA adapter (ADAPTER_DIR, from `distill train`) as one merged model
+    (safetensors, with its tokenizer) that vLLM and transformers load directly.
+
+    \b
+    distill export runs/quickstart/sft --merge --out runs/quickstart/merged
+    """
+    from distill.train import export_merged
+
+    path = export_merged(adapter_dir, out_dir, trust_remote_code=trust_remote_code)
+    click.echo(f"merged model: {path}")
 
 
 @cli.command()

@@ -201,6 +201,91 @@ class JudgeConfig(StrictModel):
     response_b_field: str = Field("response_b", description="Dataset column with response B (pairwise judges).")
 
 
+class LoraSettings(StrictModel):
+    """The LoRA adapter (peft) trained on the student."""
+
+    r: int = Field(16, ge=1, description="LoRA rank.")
+    alpha: int = Field(32, ge=1, description="LoRA alpha (scaling = alpha / r).")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA path.")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear",
+        description="Module names to adapt (e.g. [q_proj, v_proj]); all-linear: every linear layer but the head.",
+    )
+
+
+class SFTSettings(StrictModel):
+    """`distill train sft`: LoRA supervised fine-tuning on the teacher's data."""
+
+    data: Path | None = Field(
+        None,
+        description="Generate run dir, Alpaca JSON, JSONL (messages or instruction/output) or saved HF dataset; "
+        "empty: run_dir (the generate run).",
+    )
+    output_dir: Path | None = Field(None, description="Where the adapter goes; empty: run_dir/sft.")
+    epochs: float = Field(3.0, gt=0, description="Passes over the training split (ignored when max_steps > 0).")
+    max_steps: int = Field(-1, description="Optimizer steps; -1: use epochs.")
+    learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate (linear decay, warmup_ratio warmup).")
+    warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Share of steps spent warming up the learning rate.")
+    batch_size: int = Field(8, ge=1, description="Rows per device per step.")
+    gradient_accumulation_steps: int = Field(1, ge=1, description="Steps accumulated per optimizer update.")
+    max_length: int = Field(512, ge=16, description="Tokens per row (or per packed sequence); longer rows are cut.")
+    packing: bool = Field(
+        False, description="Pack several rows into each max_length sequence (BFD, no cross-attention)."
+    )
+    padding_free: bool = Field(
+        False, description="Concatenate the batch without padding (needs packing-aware attention)."
+    )
+    completion_only_loss: bool = Field(True, description="Loss on the assistant's answer only, not on the prompt.")
+    eval_fraction: float = Field(0.1, ge=0, lt=1, description="Held-out share of rows for eval loss (0: none).")
+    logging_steps: int = Field(1, ge=1, description="Log metrics every this many steps.")
+    save_steps: int = Field(50, ge=1, description="Save a resumable checkpoint every this many steps.")
+    save_total_limit: int = Field(2, ge=1, description="Checkpoints kept (oldest deleted).")
+
+
+class RLSettings(StrictModel):
+    """`distill train rl`: RL against the judges' rewards (judge.judges with weights)."""
+
+    algorithm: Literal["grpo", "rloo", "ppo"] = Field(
+        "grpo", description="TRL trainer: grpo (default), rloo; ppo needs a TRL that still ships PPOTrainer."
+    )
+    start_from: Literal["sft", "base"] = Field(
+        "sft", description="sft: continue the adapter of train.sft.output_dir; base: a new adapter on the student."
+    )
+    output_dir: Path | None = Field(None, description="Where the RL adapter goes; empty: run_dir/rl.")
+    max_steps: int = Field(50, ge=1, description="Optimizer steps.")
+    learning_rate: float = Field(1e-5, gt=0, description="Learning rate.")
+    batch_size: int = Field(8, ge=1, description="Completions per device per step (a multiple of num_generations).")
+    num_generations: int = Field(4, ge=2, description="Completions sampled per prompt (the group).")
+    max_completion_length: int = Field(128, ge=1, description="Most new tokens per completion.")
+    temperature: float = Field(1.0, gt=0, le=2, description="Rollout sampling temperature.")
+    beta: float = Field(0.04, ge=0, description="KL penalty to the starting policy (0: no reference model, no KL).")
+    use_vllm: bool = Field(
+        False, description="Rollouts with vLLM (GPU; TRL colocate/server modes) instead of HF generate."
+    )
+    vllm_mode: Literal["colocate", "server"] = Field("colocate", description="TRL's vLLM mode when use_vllm is on.")
+    logging_steps: int = Field(1, ge=1, description="Log metrics every this many steps.")
+    save_steps: int = Field(25, ge=1, description="Save a resumable checkpoint every this many steps.")
+
+
+class TrainConfig(StrictModel):
+    """The student and how it is trained."""
+
+    student: str = Field("gemma-3-270m", description="Student base model: bundled alias, local HF directory or hub id.")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="auto: bf16 on GPUs that support it, else fp32 (CPU)."
+    )
+    seed: int = Field(0, description="Seed of data order, splits, LoRA init and sampling.")
+    trust_remote_code: bool = Field(
+        False, description="Run model code from the model's directory (only if you trust it)."
+    )
+    report_to: list[str] = Field(
+        default_factory=lambda: ["tensorboard"], description="Trainer loggers (tensorboard, wandb, ...; [] for none)."
+    )
+    lora: LoraSettings = Field(default_factory=LoraSettings, description="The LoRA adapter.")
+    sft: SFTSettings = Field(default_factory=SFTSettings, description="Supervised fine-tuning.")
+    rl: RLSettings = Field(default_factory=RLSettings, description="RL against judge rewards.")
+
+
 class DistillConfig(StrictModel):
     """A whole distill configuration file."""
 
@@ -209,6 +294,7 @@ class DistillConfig(StrictModel):
     ask: AskConfig = Field(default_factory=AskConfig, description="Settings of `distill ask`.")
     generate: GenerateConfig = Field(default_factory=GenerateConfig, description="Settings of `distill generate`.")
     judge: JudgeConfig = Field(default_factory=JudgeConfig, description="Judges and `distill judge` settings.")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="Settings of `distill train sft` / `rl`.")
 
 
 # Loading ---------------------------------------------------------------------------------------

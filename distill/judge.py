@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from distill.config import DistillConfig, JudgeSpec, config_dump, format_validation_error
 from distill.errors import ConfigError, DistillError
 from distill.records import ChatRequest, ChatResult, JudgeItem, Judgement, Message, TokenLogprob
-from distill.runstore import AnswerSource, JsonlLog, write_atomic, write_manifest
+from distill.runstore import AnswerSource, JsonlLog, read_rows, write_atomic, write_manifest
 
 JUDGEMENTS = "judgements.jsonl"
 JUDGE_RESPONSES = "judge_responses.jsonl"
@@ -471,49 +471,6 @@ def _response_of(row: dict[str, Any], field: str) -> Any:
         replies = [m.get("content") for m in messages if isinstance(m, dict) and m.get("role") == "assistant"]
         return replies[-1] if replies else None
     return None
-
-
-def read_rows(path: Path) -> list[dict[str, Any]]:
-    """Rows of a dataset file or directory (generate run dir, HF save_to_disk dir, .jsonl, .json)."""
-    if path.is_dir():
-        if (path / "instructions.jsonl").is_file():
-            return read_rows(path / "instructions.jsonl")
-        if (path / "dataset_info.json").is_file() or (path / "dataset" / "dataset_info.json").is_file():
-            import datasets
-
-            directory = path if (path / "dataset_info.json").is_file() else path / "dataset"
-            return [dict(row) for row in datasets.load_from_disk(str(directory))]
-        raise ConfigError([f"{path}: a directory, but not a generate run or a saved Hugging Face dataset"])
-    if not path.is_file():
-        raise ConfigError([f"{path}: dataset not found"])
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise ConfigError([f"{path}: not UTF-8 (byte {exc.start}); re-save it as UTF-8"]) from None
-    if path.suffix == ".json":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ConfigError([f"{path}: not JSON ({exc.msg}, line {exc.lineno})"]) from None
-        if not isinstance(data, list) or not all(isinstance(row, dict) for row in data):
-            raise ConfigError([f"{path}: expected a JSON list of objects"])
-        return data
-    rows, problems = [], []
-    for number, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            problems.append(f"{path} line {number}: not JSON ({exc.msg})")
-            continue
-        if isinstance(row, dict):
-            rows.append(row)
-        else:
-            problems.append(f"{path} line {number}: expected a JSON object")
-    if problems:
-        raise ConfigError(problems[:20])
-    return rows
 
 
 def summarize(judgements: list[Judgement]) -> dict[str, Any]:

@@ -8,6 +8,7 @@ and logits within ``LOGIT_TOLERANCE`` on a fixed prompt.
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.util
 import json
@@ -123,6 +124,23 @@ def resolve_model(name: str) -> str:
         f"unknown model '{name}'; use a bundled alias ({', '.join(BUNDLED)}), "
         "a local HF directory or a hub id like org/name"
     )
+
+
+def weights_fingerprint(name: str | None) -> str | None:
+    """For a local model or adapter directory: a hash of its weight files' names, sizes and
+    modification times, so cached answers of an old model at the same path are never reused
+    (a retrained adapter, a re-exported merge). None for aliases and hub ids (immutable)."""
+    if not name or name in BUNDLED:
+        return None
+    path = Path(name).expanduser()
+    if not path.is_dir():
+        return None
+    parts = [
+        f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}"
+        for f in sorted(path.iterdir())
+        if f.suffix in {".safetensors", ".bin", ".pt", ".gguf"} or f.name.endswith("config.json")
+    ]
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 
 def prepare(alias: str, force: bool = False) -> Path:

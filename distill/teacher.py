@@ -51,7 +51,13 @@ class Teacher(ABC):
         """What, besides the request, decides the answer: part of every request-cache key.
         A classmethod, so a rerun can look answers up without loading the model. Backends add
         options that change answers (dtype, adapter, server URL), not ones that only change speed."""
-        return {"backend": cls.name, "model": model}
+        from distill.models import weights_fingerprint
+
+        identity = {"backend": cls.name, "model": model}
+        fingerprint = weights_fingerprint(model)
+        if fingerprint is not None:  # a local directory: its current weights, not just its path
+            identity["weights"] = fingerprint
+        return identity
 
     def close(self) -> None:  # noqa: B027 - optional hook, most backends have nothing to free
         """Free the model, the engine or the connection pool."""

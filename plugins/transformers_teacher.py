@@ -69,7 +69,14 @@ class TransformersTeacher(Teacher):
 
     @classmethod
     def cache_identity(cls, model: str, options: Any) -> dict[str, Any]:
-        return {**super().cache_identity(model, options), "dtype": options.dtype, "adapter": options.adapter}
+        from distill.models import weights_fingerprint
+
+        return {
+            **super().cache_identity(model, options),
+            "dtype": options.dtype,
+            "adapter": options.adapter,
+            "adapter_weights": weights_fingerprint(options.adapter),
+        }
 
     def generate(self, requests: list[ChatRequest]) -> list[ChatResult]:
         results: dict[int, ChatResult] = {}
