@@ -149,8 +149,10 @@ def test_merged_export_matches_base_plus_adapter_and_serves_in_vllm(
     merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval()
     ids = tokenizer("The capital of France is", return_tensors="pt")
     with torch.no_grad():
-        difference = (with_adapter(**ids).logits - merged(**ids).logits).abs().max().item()
-    assert difference < 1e-4, difference
+        logits_adapter, logits_merged = with_adapter(**ids).logits, merged(**ids).logits
+    # W + BA folded into W: float32 rounding only (measured 1.0e-4 on logits of magnitude ~20).
+    assert (logits_adapter - logits_merged).abs().max().item() < 1e-3
+    assert torch.equal(logits_adapter.argmax(-1), logits_merged.argmax(-1))
 
     teacher_config = TeacherConfig(
         backend="vllm",
