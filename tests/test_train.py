@@ -351,3 +351,11 @@ def test_lora_targets_that_do_not_exist_and_bad_data_fail_before_training(tmp_pa
     bad.write_text('{"instruction": "hi"}\n{"prompt": "x"}\n')
     result = run_distill("train", "sft", *[a for o in sft_overrides(bad, tmp_path / "run") for a in ("--set", o)])
     assert result.returncode == 2 and "bad.jsonl row 1: needs 'messages'" in result.stderr
+
+
+@pytest.mark.parametrize(("name", "kind"), [("ddp", "MULTI_GPU"), ("zero2", "DEEPSPEED"), ("fsdp", "FSDP")])
+def test_accelerate_example_configs_load(name: str, kind: str) -> None:
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    config = load_config_from_file(str(REPO / "examples" / "accelerate" / f"{name}.yaml"))
+    assert config.distributed_type.value == kind and config.num_processes == 8
