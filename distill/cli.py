@@ -418,6 +418,105 @@ def export(adapter_dir: Path, merge: bool, out_dir: Path, trust_remote_code: boo
     click.echo(f"merged model: {path}")
 
 
+@cli.command("eval")
+@config_option
+@set_option
+@click.option("--run-dir", type=click.Path(path_type=Path), help="Run directory (adapters are found here).")
+@click.option("--task", "task_types", multiple=True, help="Task to evaluate (repeatable); replaces eval.tasks.")
+@click.option("--limit", type=int, help="Questions per task (a seeded sample).")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@handle_errors
+def evaluate(
+    config_path: Path | None,
+    overrides: tuple[str, ...],
+    run_dir: Path | None,
+    task_types: tuple[str, ...],
+    limit: int | None,
+    as_json: bool,
+) -> None:
+    """Answer held-out factual questions with every model (base student, tuned students,
+    teacher), score them with bootstrap intervals, and measure judge preference vs the teacher.
+
+    \b
+    distill eval -c examples/quickstart.yaml
+    distill eval -c my.yaml --task countries --task mmlu --set 'eval.tasks.1.options.path=data/mmlu.jsonl'
+    """
+    from distill.config import load_config
+    from distill.evaluation import eval_dir, run_eval
+
+    flags: dict[str, Any] = {"run_dir": run_dir}
+    if task_types:
+        tasks = [{"type": t, "options": {"limit": limit} if limit else {}} for t in task_types]
+        flags["eval.tasks"] = json.dumps(tasks)
+    config = load_config(config_path, [*overrides, *(f"{k}={v}" for k, v in flags.items() if v is not None)])
+    if limit and not task_types:
+        for spec in config.eval.tasks:
+            spec.options["limit"] = limit
+    summary = run_eval(config)
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+        return
+    for task, scores in summary["scores"].items():
+        for model, entry in scores.items():
+            accuracy = "n/a" if entry["accuracy"] is None else f"{entry['accuracy']:.1%}"
+            click.echo(f"{task:<12} {model:<10} accuracy {accuracy:>6}  (n={entry['n']}, failed {entry['failed']})")
+    for model, entry in summary["style"].items():
+        preference = "n/a" if entry["preference"] is None else f"{entry['preference']:.1%}"
+        click.echo(f"style        {model:<10} judge preference vs teacher {preference} ({entry['items']} items)")
+    click.echo(f"outputs: {eval_dir(config)}")
+
+
+@cli.command()
+@config_option
+@set_option
+@click.option("--run-dir", type=click.Path(path_type=Path), help="Run directory.")
+@handle_errors
+def report(config_path: Path | None, overrides: tuple[str, ...], run_dir: Path | None) -> None:
+    """Write the false-promise gap report (HTML, Markdown, JSON) from `distill eval`'s outputs.
+
+    \b
+    distill report -c examples/quickstart.yaml
+    """
+    from distill.config import load_config
+    from distill.report import build_report, write_report
+
+    config = load_config(config_path, [*overrides, *([f"run_dir={run_dir}"] if run_dir else [])])
+    paths = write_report(config)
+    for line in build_report(config)["verdict"]:
+        click.echo(line)
+    for kind, path in paths.items():
+        click.echo(f"{kind}: {path}")
+
+
+@cli.command()
+@config_option
+@set_option
+@click.option("--run-dir", type=click.Path(path_type=Path), help="Run directory (resumes if present).")
+@click.option("--stages", help="Comma-separated subset of generate,judge,sft,rl,eval,report.")
+@handle_errors
+def run(config_path: Path | None, overrides: tuple[str, ...], run_dir: Path | None, stages: str | None) -> None:
+    """Generate → judge → sft → rl → eval → report in one command, resumable stage by stage.
+
+    Finished stages are skipped on a rerun; an interrupted stage resumes with its own resume
+    (answer logs, request cache, training checkpoints).
+
+    \b
+    distill run -c examples/quickstart.yaml
+    """
+    from distill.config import load_config
+    from distill.pipeline import STAGES, run_pipeline
+
+    config = load_config(config_path, [*overrides, *([f"run_dir={run_dir}"] if run_dir else [])])
+    chosen = tuple(s.strip() for s in stages.split(",")) if stages else STAGES
+    results = run_pipeline(config, chosen, echo=lambda line: click.echo(line, err=True))
+    if "report" in results:
+        from distill.report import build_report
+
+        for line in build_report(config)["verdict"]:
+            click.echo(line)
+        click.echo(f"report: {results['report']['html']}")
+
+
 @cli.command()
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @handle_errors

@@ -286,6 +286,48 @@ class TrainConfig(StrictModel):
     rl: RLSettings = Field(default_factory=RLSettings, description="RL against judge rewards.")
 
 
+class EvalModel(StrictModel):
+    """One model in the evaluation, with its role in the gap report."""
+
+    name: str = Field(description="Label in outputs (base, sft, rl, teacher, ...).")
+    role: Literal["base", "tuned", "teacher"] = Field(
+        description="base: the student before training; tuned: a trained student; teacher: the imitated model."
+    )
+    teacher: TeacherConfig = Field(
+        description="How to run it: any teacher backend (adapters: transformers options.adapter)."
+    )
+
+
+class EvalTaskSpec(StrictModel):
+    type: str = Field("countries", description="Task plugin: countries, jsonl, nq_open, triviaqa, mmlu or a plugin's.")
+    options: dict[str, Any] = Field(default_factory=dict, description="Task options, validated by the task.")
+
+
+class EvalConfig(StrictModel):
+    """`distill eval` and `distill report`: factual accuracy and judge preference of each model."""
+
+    models: list[EvalModel] = Field(
+        default_factory=list,
+        description="Models to evaluate; empty: base = train.student, sft and rl = train.student + their adapters "
+        "(when trained), teacher = teacher.",
+    )
+    tasks: list[EvalTaskSpec] = Field(
+        default_factory=lambda: [EvalTaskSpec(type="countries", options={"limit": 200})],
+        description="Held-out factual tasks.",
+    )
+    max_tokens: int = Field(32, ge=1, description="Answer budget per question (answers are cut at the first line).")
+    batch_size: int = Field(32, ge=1, description="Questions sent together; answers are saved per batch.")
+    bootstrap: int = Field(1000, ge=100, description="Bootstrap resamples for confidence intervals.")
+    style_rubric: str | None = Field(
+        "helpfulness",
+        description="Rubric of the pairwise style judge (student vs teacher); empty: no style measurement.",
+    )
+    style_items: int = Field(
+        20, ge=0, description="Held-out instructions judged for style (student vs teacher, both orders)."
+    )
+    output_dir: Path | None = Field(None, description="Where eval and report outputs go; empty: run_dir/eval.")
+
+
 class DistillConfig(StrictModel):
     """A whole distill configuration file."""
 
@@ -295,6 +337,7 @@ class DistillConfig(StrictModel):
     generate: GenerateConfig = Field(default_factory=GenerateConfig, description="Settings of `distill generate`.")
     judge: JudgeConfig = Field(default_factory=JudgeConfig, description="Judges and `distill judge` settings.")
     train: TrainConfig = Field(default_factory=TrainConfig, description="Settings of `distill train sft` / `rl`.")
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="Settings of `distill eval` / `distill report`.")
 
 
 # Loading ---------------------------------------------------------------------------------------

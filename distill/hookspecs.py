@@ -44,8 +44,11 @@ def register_judges(register: Callable[[type[Any]], None]) -> None:
 def register_tasks(register: Callable[[type[Any]], None]) -> None:
     """Register evaluation tasks.
 
-    Called once, the first time distill needs the list of tasks. Call ``register(TaskClass)``
-    for each task; the class sets ``name``, yields held-out questions and scores predictions.
+    Called once, the first time distill needs the list of tasks (``distill eval``, ``distill
+    run``). Call ``register(TaskClass)`` for each task; the class subclasses
+    ``distill.tasks.Task``, sets ``name`` (what users write in ``eval.tasks[].type``) and
+    ``options_model``, and implements ``questions()`` (the held-out questions); ``prompt`` and
+    ``score`` have defaults for open and multiple-choice questions.
     """
 
 

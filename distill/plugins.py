@@ -29,6 +29,7 @@ DEFAULT_PLUGINS = (
     "distill_plugins.transformers_teacher",
     "distill_plugins.judges",
     "distill_plugins.rule_judge",
+    "distill_plugins.tasks",
 )
 
 pm = pluggy.PluginManager("distill")

@@ -412,8 +412,9 @@ def rl_prompts(config: DistillConfig) -> list[list[dict[str, str]]]:
     return [p["prompt"] for p in pairs]
 
 
-def check_rl(config: DistillConfig) -> None:
-    """Invalid RL setups fail here, before any model loads."""
+def check_rl(config: DistillConfig, require_adapter: bool = True) -> None:
+    """Invalid RL setups fail here, before any model loads. ``require_adapter=False`` when the SFT
+    adapter will be trained first (distill run)."""
     import trl
 
     r = config.train.rl
@@ -429,7 +430,11 @@ def check_rl(config: DistillConfig) -> None:
         problems.append(
             f"train.rl.batch_size: must be a multiple of num_generations ({r.num_generations}), got {r.batch_size}"
         )
-    if r.start_from == "sft" and not (sft_output_dir(config) / "adapter_model.safetensors").is_file():
+    if (
+        require_adapter
+        and r.start_from == "sft"
+        and not (sft_output_dir(config) / "adapter_model.safetensors").is_file()
+    ):
         problems.append(
             f"train.rl.start_from: sft, but {sft_output_dir(config)} has no adapter: run `distill train sft` "
             "first or set train.rl.start_from=base"

@@ -18,7 +18,7 @@ import distill
 from distill import hookspecs
 from distill.config import load_config
 from distill.errors import PluginError
-from distill.plugins import DEFAULT_PLUGINS, get_judges, get_teachers, pm
+from distill.plugins import DEFAULT_PLUGINS, get_judges, get_tasks, get_teachers, pm
 from distill.records import ChatRequest, ChatResult, Message
 from distill.teacher import Teacher, load_teacher
 from tests.conftest import REPO, run_distill
@@ -79,7 +79,11 @@ def test_builtin_teachers_come_through_the_hooks() -> None:
     }
     judges = get_judges()
     assert {judges.owners[name] for name in judges.names()} == {"distill_plugins.judges", "distill_plugins.rule_judge"}
-    assert set(DEFAULT_PLUGINS) <= set(teachers.owners.values()) | set(judges.owners.values())
+    tasks = get_tasks()
+    assert {tasks.owners[name] for name in tasks.names()} == {"distill_plugins.tasks"}
+    assert set(DEFAULT_PLUGINS) <= set(teachers.owners.values()) | set(judges.owners.values()) | {
+        "distill_plugins.tasks"
+    }
 
 
 def test_core_never_imports_builtin_plugins() -> None:

@@ -1,0 +1,280 @@
+"""`distill eval`: every model (base student, tuned students, teacher) answers the held-out
+factual questions, greedily, through a teacher backend; answers are scored per task with bootstrap
+intervals. Style: the pairwise judge compares each student's answers with the teacher's (both
+orders) on held-out prompts → win / tie / loss. Answers and verdicts are logged and cached, so a
+rerun resumes and an identical rerun is free.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from distill.config import DistillConfig, EvalModel, JudgeSpec, TeacherConfig, config_dump
+from distill.errors import ConfigError
+from distill.records import JudgeItem
+from distill.runstore import AnswerSource, JsonlLog, write_atomic, write_manifest
+from distill.tasks import Question, Task, bootstrap_interval, task_options_problems
+
+PREDICTIONS = "predictions.jsonl"
+STYLE = "style.jsonl"
+SUMMARY = "eval_summary.json"
+
+
+def eval_dir(config: DistillConfig) -> Path:
+    out = config.eval.output_dir or (config.run_dir / "eval" if config.run_dir else None)
+    if out is None:
+        raise ConfigError(["eval.output_dir: required (or set run_dir)"])
+    return out
+
+
+def eval_models(config: DistillConfig) -> list[EvalModel]:
+    """The configured models, or: base student, its SFT and RL adapters (when trained), the teacher."""
+    if config.eval.models:
+        return config.eval.models
+    from distill.train import sft_output_dir
+
+    student = config.train.student
+    base_options = {"batch_size": config.eval.batch_size}
+    models = [
+        EvalModel(
+            name="base", role="base", teacher=TeacherConfig(backend="transformers", model=student, options=base_options)
+        )
+    ]
+    adapters = {"sft": sft_output_dir(config) if config.run_dir or config.train.sft.output_dir else None}
+    adapters["rl"] = config.train.rl.output_dir or (config.run_dir / "rl" if config.run_dir else None)
+    for name, adapter in adapters.items():
+        if adapter is not None and (adapter / "adapter_model.safetensors").is_file():
+            options = {"adapter": str(adapter), "batch_size": config.eval.batch_size}
+            models.append(
+                EvalModel(
+                    name=name,
+                    role="tuned",
+                    teacher=TeacherConfig(backend="transformers", model=student, options=options),
+                )
+            )
+    models.append(EvalModel(name="teacher", role="teacher", teacher=config.teacher))
+    return models
+
+
+def load_tasks(config: DistillConfig) -> list[tuple[str, Task]]:
+    from distill.plugins import get_tasks
+
+    tasks, problems, names = [], [], []
+    registry = get_tasks()
+    for number, spec in enumerate(config.eval.tasks):
+        where = f"eval.tasks.{number}"
+        if spec.type not in registry:
+            problems.append(f"{where}.type: {registry.unknown(spec.type)}")
+            continue
+        task_class = registry[spec.type]
+        found = task_options_problems(task_class, spec.options, where)
+        if found:
+            problems += found
+            continue
+        name = spec.type if spec.type not in names else f"{spec.type}_{number}"
+        names.append(name)
+        tasks.append((name, task_class(task_class.options_model.model_validate(spec.options))))
+    if problems:
+        raise ConfigError(problems)
+    if not tasks:
+        raise ConfigError(["eval.tasks: no tasks; add one, e.g. {type: countries}"])
+    return tasks
+
+
+def style_prompts(config: DistillConfig, questions: list[tuple[str, Question]]) -> list[dict[str, Any]]:
+    """Held-out prompts for the style comparison: the SFT run's held-out instructions, then
+    factual questions (never trained on), up to eval.style_items."""
+    from distill.train import SPLIT, load_pairs, sft_output_dir
+
+    wanted = config.eval.style_items
+    prompts: list[dict[str, Any]] = []
+    split_file = sft_output_dir(config) / SPLIT if (config.run_dir or config.train.sft.output_dir) else None
+    if split_file is not None and split_file.is_file():
+        split = json.loads(split_file.read_text())
+        held_out = set(split["eval"])
+        for pair in load_pairs(Path(split["data"])):
+            if pair["id"] in held_out and len(prompts) < wanted:
+                prompts.append({"id": f"instruction:{pair['id']}", "prompt": pair["prompt"][-1]["content"]})
+    for task_name, question in questions:
+        if len(prompts) >= wanted:
+            break
+        prompts.append(
+            {
+                "id": f"{task_name}:{question.id}",
+                "prompt": question.question,
+                "task": task_name,
+                "question_id": question.id,
+            }
+        )
+    return prompts
+
+
+def run_eval(config: DistillConfig, teachers: dict[str, Any] | None = None, progress: Any = None) -> dict[str, Any]:
+    """Answer, score and judge; write predictions.jsonl, style.jsonl and eval_summary.json."""
+    out = eval_dir(config)
+    models = eval_models(config)
+    roles = [m.role for m in models]
+    if "teacher" not in roles or "base" not in roles:
+        raise ConfigError(["eval.models: needs one model with role base and one with role teacher (the gap's ends)"])
+    tasks = load_tasks(config)
+    questions = {name: task.questions() for name, task in tasks}
+    flat = [(name, q) for name, _ in tasks for q in questions[name]]
+    style_items = style_prompts(config, flat) if config.eval.style_rubric else []
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+
+    predictions: list[dict[str, Any]] = []
+    style_answers: dict[str, dict[str, str | None]] = {}
+    for model in models:
+        given = (teachers or {}).get(model.name)
+        answers = AnswerSource.for_teacher(
+            model.teacher, given, JsonlLog(out / f"answers-{model.name}.jsonl"), cache=True
+        )
+        try:
+            for name, task in tasks:
+                for start in range(0, len(questions[name]), config.eval.batch_size):
+                    batch = questions[name][start : start + config.eval.batch_size]
+                    requests = [
+                        model.teacher.request(
+                            task.prompt(q), temperature=0.0, top_p=1.0, max_tokens=config.eval.max_tokens
+                        )
+                        for q in batch
+                    ]
+                    for question, result in zip(batch, answers.generate(requests)):
+                        predictions.append(prediction_row(model, name, task, question, result))
+                    if progress is not None:
+                        progress(model.name, len(predictions))
+            if style_items:
+                requests = [
+                    model.teacher.request(item["prompt"], temperature=0.0, top_p=1.0, max_tokens=128)
+                    for item in style_items
+                ]
+                results = answers.generate(requests)
+                style_answers[model.name] = {
+                    item["id"]: (result.text if result.ok else None) for item, result in zip(style_items, results)
+                }
+        finally:
+            answers.close()
+
+    with (out / PREDICTIONS).open("w", encoding="utf-8") as handle:
+        handle.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in predictions)
+    style_rows = judge_style(config, models, style_items, style_answers, out) if style_items else []
+    summary = {
+        "models": [
+            {
+                "name": m.name,
+                "role": m.role,
+                "backend": m.teacher.backend,
+                "model": m.teacher.model,
+                "adapter": m.teacher.options.get("adapter"),
+            }
+            for m in models
+        ],
+        "tasks": {name: len(questions[name]) for name, _ in tasks},
+        "scores": score_table(predictions, models, tasks, config.eval.bootstrap),
+        "style": style_table(style_rows, models),
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    write_atomic(out / SUMMARY, json.dumps(summary, indent=2))
+    write_manifest(out, "eval", config_dump(config), {"summary": summary})
+    return summary
+
+
+def prediction_row(model: EvalModel, task_name: str, task: Task, question: Question, result: Any) -> dict[str, Any]:
+    row: dict[str, Any] = {
+        "model": model.name,
+        "role": model.role,
+        "task": task_name,
+        "question_id": question.id,
+        "kind": question.kind,
+        "question": question.question,
+        "answers": question.answers,
+    }
+    if not result.ok:  # a failed request is not a wrong answer: it is left out of the scores and counted
+        return {**row, "prediction": None, "failed": True, "error": result.error.model_dump()}
+    return {**row, "prediction": result.text, "failed": False, **task.score(question, result.text)}
+
+
+def score_table(
+    predictions: list[dict[str, Any]], models: list[EvalModel], tasks: list[tuple[str, Task]], resamples: int
+) -> dict[str, dict[str, Any]]:
+    table: dict[str, dict[str, Any]] = {}
+    for name, _ in tasks:
+        table[name] = {}
+        for model in models:
+            rows = [r for r in predictions if r["task"] == name and r["model"] == model.name]
+            scored = [r for r in rows if not r["failed"]]
+            correct = [float(r["correct"]) for r in scored]
+            entry: dict[str, Any] = {
+                "n": len(scored),
+                "failed": len(rows) - len(scored),
+                "accuracy": sum(correct) / len(correct) if correct else None,
+                "interval": list(bootstrap_interval(correct, resamples)) if correct else None,
+            }
+            if scored and "exact" in scored[0]:
+                entry["exact"] = sum(float(r["exact"]) for r in scored) / len(scored)
+            table[name][model.name] = entry
+    return table
+
+
+def judge_style(
+    config: DistillConfig,
+    models: list[EvalModel],
+    items: list[dict[str, Any]],
+    answers: dict[str, dict[str, str | None]],
+    out: Path,
+) -> list[dict[str, Any]]:
+    """Pairwise judge: each student's answer (A) vs the teacher's (B), both orders."""
+    from distill.judge import judge_answer_source, load_judge
+
+    teacher_name = next(m.name for m in models if m.role == "teacher")
+    source = judge_answer_source(config, out)
+    rows = []
+    try:
+        judge = load_judge(
+            JudgeSpec(type="pairwise", rubric=config.eval.style_rubric), source, where="eval.style_rubric"
+        )
+        for model in models:
+            if model.role == "teacher":
+                continue
+            pairs = [
+                (item, answers[model.name][item["id"]], answers[teacher_name][item["id"]])
+                for item in items
+                if answers[model.name].get(item["id"]) is not None and answers[teacher_name].get(item["id"]) is not None
+            ]
+            judged = judge.judge(
+                [JudgeItem(id=item["id"], prompt=item["prompt"], response=a, response_b=b) for item, a, b in pairs]
+            )
+            for (item, a, b), judgement in zip(pairs, judged):
+                rows.append(
+                    {"model": model.name, "item": item, "student": a, "teacher": b, "judgement": judgement.model_dump()}
+                )
+    finally:
+        source.close()
+    with (out / STYLE).open("w", encoding="utf-8") as handle:
+        handle.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    return rows
+
+
+def style_table(rows: list[dict[str, Any]], models: list[EvalModel]) -> dict[str, dict[str, Any]]:
+    table = {}
+    for model in models:
+        mine = [r["judgement"] for r in rows if r["model"] == model.name]
+        valid = [j for j in mine if j["verdict"] is not None]
+        if not mine:
+            continue
+        counts = {v: sum(j["verdict"] == v for j in valid) for v in ("A", "tie", "B")}
+        wins = [j["reward"] for j in valid]  # 1 win, 0.5 tie, 0 loss
+        table[model.name] = {
+            "items": len(mine),
+            "invalid": len(mine) - len(valid),
+            "win": counts["A"] / len(valid) if valid else None,
+            "tie": counts["tie"] / len(valid) if valid else None,
+            "loss": counts["B"] / len(valid) if valid else None,
+            "preference": sum(wins) / len(wins) if wins else None,
+            "preference_interval": list(bootstrap_interval(wins)) if wins else None,
+        }
+    return table

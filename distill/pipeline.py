@@ -1,0 +1,105 @@
+"""`distill run`: generate → judge → sft → rl → eval → report in one command.
+
+Each finished stage leaves ``RUN_DIR/stages/STAGE.json``; a rerun skips finished stages and resumes
+the interrupted one with that stage's own resume (answer logs, request cache, training
+checkpoints). The teacher is loaded once and shared by the stages that use it (generate, the
+judges, the teacher's eval answers), so a local engine starts once per run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from distill.config import DistillConfig, JudgeSpec
+from distill.errors import ConfigError
+from distill.runstore import write_atomic
+
+log = logging.getLogger(__name__)
+
+STAGES = ("generate", "judge", "sft", "rl", "eval", "report")
+
+
+def stage_file(run_dir: Path, stage: str) -> Path:
+    return run_dir / "stages" / f"{stage}.json"
+
+
+def run_pipeline(
+    config: DistillConfig, stages: tuple[str, ...] = STAGES, echo: Callable[[str], None] = print, teacher: Any = None
+) -> dict[str, Any]:
+    """Run the stages not yet finished; return {stage: summary}."""
+    from distill.evaluation import run_eval
+    from distill.generate import run_generate
+    from distill.judge import run_judge
+    from distill.report import write_report
+    from distill.teacher import load_teacher
+    from distill.train import check_rl, run_rl, run_sft
+
+    if config.run_dir is None:
+        raise ConfigError(["run_dir: required for distill run"])
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown:
+        raise ConfigError([f"--stages: unknown {', '.join(unknown)}; stages: {', '.join(STAGES)}"])
+    if not config.judge.judges:  # the judge stage and RL need a judge: default to the helpfulness rubric
+        config = config.model_copy(
+            update={"judge": config.judge.model_copy(update={"judges": [JudgeSpec(rubric="helpfulness")]})}
+        )
+    if "rl" in stages:
+        check_rl(config, require_adapter="sft" not in stages)  # before hours of generate and SFT
+
+    run_dir = config.run_dir
+    owned = teacher is None
+    shared: dict[str, Any] = {"teacher": teacher}
+
+    def the_teacher() -> Any:
+        if shared["teacher"] is None:
+            shared["teacher"] = load_teacher(config.teacher)
+        return shared["teacher"]
+
+    def judge_teacher() -> Any:
+        return the_teacher() if config.judge.teacher is None else None
+
+    def resume_of(output_dir: Path) -> bool:
+        return (output_dir / "checkpoints").is_dir()
+
+    actions: dict[str, Callable[[], Any]] = {
+        "generate": lambda: run_generate(config, teacher=the_teacher()),
+        "judge": lambda: run_judge(
+            config.model_copy(update={"run_dir": run_dir / "judge"}), run_dir, teacher=judge_teacher()
+        ),
+        "sft": lambda: run_sft(
+            config, resume=resume_of(run_dir / "sft"), overwrite=not resume_of(run_dir / "sft"), progress=False
+        ),
+        "rl": lambda: run_rl(
+            config,
+            resume=resume_of(run_dir / "rl"),
+            overwrite=not resume_of(run_dir / "rl"),
+            progress=False,
+            judge_teacher=judge_teacher(),
+        ),
+        "eval": lambda: run_eval(config, teachers={"teacher": the_teacher()}),
+        "report": lambda: {k: str(v) for k, v in write_report(config).items()},
+    }
+    results: dict[str, Any] = {}
+    try:
+        for stage in stages:
+            marker = stage_file(run_dir, stage)
+            if marker.is_file():
+                echo(f"[{stage}] done earlier, skipped ({marker})")
+                results[stage] = json.loads(marker.read_text())["summary"]
+                continue
+            echo(f"[{stage}] running")
+            summary = actions[stage]()
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            finished = datetime.now(timezone.utc).isoformat()
+            write_atomic(marker, json.dumps({"stage": stage, "finished": finished, "summary": summary}, default=str))
+            results[stage] = summary
+            echo(f"[{stage}] done")
+    finally:
+        if owned and shared["teacher"] is not None:
+            shared["teacher"].close()
+    return results
