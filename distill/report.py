@@ -123,13 +123,15 @@ def verdict(report: dict[str, Any]) -> list[str]:
             scores, gap = entry["scores"], entry["gap"].get(name, {})
             preference = ""
             if style.get(name) and style.get(base):
-                preference = (
-                    f"judge preference over the teacher rose from {pct(style[base]['preference'])} ({base}) to "
-                    f"{pct(style[name]['preference'])} ({name}) while "
-                )
-            accuracy = f"{task} accuracy moved from {pct(scores[base]['accuracy'])} to {pct(scores[name]['accuracy'])}"
+                before, after = style[base]["preference"], style[name]["preference"]
+                preference = f"judge preference over the teacher {change(before, after)} ({base} → {name}) while "
+            before, after = scores[base]["accuracy"], scores[name]["accuracy"]
+            accuracy = f"{task} accuracy {change(before, after)}"
             if gap.get("closed") is None:
-                tail = f" (teacher: {pct(scores[teacher]['accuracy'])}; no gap to close: {gap.get('reason', 'n/a')})"
+                tail = (
+                    f" (teacher: {pct(scores[teacher]['accuracy'])}): no gap to close, "
+                    "the teacher is not more accurate than the base student"
+                )
             else:
                 interval = gap.get("interval")
                 ci = f", 95% CI {pct(interval[0])} to {pct(interval[1])}" if interval else ""
@@ -137,6 +139,12 @@ def verdict(report: dict[str, Any]) -> list[str]:
             sentence = preference + accuracy + tail
             lines.append(f"{name}: {sentence[0].lower() + sentence[1:]}.")
     return lines
+
+
+def change(before: float | None, after: float | None) -> str:
+    if before is None or after is None or abs(after - before) < 1e-9:
+        return f"stayed at {pct(after)}" if before == after else f"moved from {pct(before)} to {pct(after)}"
+    return f"{'rose' if after > before else 'fell'} from {pct(before)} to {pct(after)}"
 
 
 def provenance(config: DistillConfig) -> dict[str, Any]:

@@ -258,7 +258,7 @@ def test_report_from_eval_outputs(tmp_path: Path) -> None:
     gap = report["tasks"]["countries"]["gap"]["sft"]
     assert gap["closed"] == pytest.approx(0.25)  # (0.3 - 0.2) / (0.6 - 0.2)
     assert report["verdict"] == [
-        "sft: judge preference over the teacher rose from 15.0% (base) to 45.0% (sft) while countries accuracy moved "
+        "sft: judge preference over the teacher rose from 15.0% to 45.0% (base → sft) while countries accuracy rose "
         f"from 20.0% to 30.0% (teacher: 60.0%): 25.0% of the gap closed, 95% CI {gap['interval'][0] * 100:.1f}% to "
         f"{gap['interval'][1] * 100:.1f}%."
     ]
@@ -267,7 +267,9 @@ def test_report_from_eval_outputs(tmp_path: Path) -> None:
     parser.feed(paths["html"].read_text())
     assert parser.tags.count("svg") == 1 and parser.tags.count("rect") >= 5
     assert "25.0% of the gap closed" in "".join(parser.text)
-    assert "25.0%" in paths["markdown"].read_text()
+    markdown = paths["markdown"].read_text()
+    assert "| sft | 10 | 40.0% | 10.0% | 50.0% | 45.0% | 0 |" in markdown
+    assert "| sft | tuned | 30.0% |" in markdown
 
 
 def test_the_readme_task_plugin_works_through_the_hook() -> None:
