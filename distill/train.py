@@ -289,13 +289,11 @@ def _has_tensorboard() -> bool:
     return True
 
 
-def final_metrics(output_dir: Path) -> dict[str, Any]:
-    path = output_dir / METRICS
-    rows = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-    merged: dict[str, Any] = {}
-    for row in rows:
-        merged.update(row)
-    return merged
+def quiet(trainer: Any) -> None:
+    """No metric dicts printed to stdout: they go to metrics.jsonl, TensorBoard and the progress bar."""
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)
 
 
 # SFT -------------------------------------------------------------------------------------------
@@ -358,6 +356,7 @@ def run_sft(
         peft_config=peft_config,
         callbacks=make_callbacks(output_dir, s.max_steps, progress),
     )
+    quiet(trainer)
     started = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=checkpoint)
     seconds = time.perf_counter() - started
@@ -496,6 +495,7 @@ def run_rl(
         peft_config=peft_config,
         callbacks=make_callbacks(output_dir, r.max_steps, progress),
     )
+    quiet(trainer)
     started = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=checkpoint)
     seconds = time.perf_counter() - started

@@ -301,12 +301,12 @@ def test_malformed_replies_go_to_failures_with_the_raw_text(fault_proxy: FaultPr
         Fault("reply", body="I cannot produce JSON today."), Fault("reply", body='{"tasks": [{"instruction": 7}]}')
     )
     run_dir = tmp_path / "run"
-    result = run_distill(*openai_generate_args(fault_proxy.base_url, run_dir, 3, "--set", "generate.cache=false"))
+    result = run_distill(*openai_generate_args(fault_proxy.base_url, run_dir, 2, "--set", "generate.cache=false"))
     assert result.returncode == 0, result.stderr
     failures = read_jsonl(run_dir / "failures.jsonl")
     raws = [f.get("raw") for f in failures]
     assert "I cannot produce JSON today." in raws
     assert '{"tasks": [{"instruction": 7}]}' in raws
     rows = read_jsonl(run_dir / "instructions.jsonl")
-    assert len(rows) == 3 and all(isinstance(r["instruction"], str) and r["instruction"] for r in rows)
+    assert len(rows) == 2 and all(isinstance(r["instruction"], str) and r["instruction"] for r in rows)
     assert not any("cannot produce JSON" in json.dumps(r) for r in rows)

@@ -180,7 +180,7 @@ def test_generate_keeps_only_rows_the_judge_rewards(vllm_teacher: object, tmp_pa
         None,
         [
             f"run_dir={tmp_path / 'run'}",
-            "generate.target=4",
+            "generate.target=2",
             "generate.batch_size=4",
             "generate.tasks_per_request=3",
             "generate.max_tokens=320",

@@ -26,7 +26,7 @@ def tiny_run_args(base_url: str, run_dir: Path) -> list[str]:
         "teacher.model": SERVED_NAME,
         "teacher.options": f"{{base_url: '{base_url}', api_key_env: null}}",
         "teacher.max_tokens": 48,
-        "generate.target": 6,
+        "generate.target": 4,
         "generate.batch_size": 4,
         "generate.tasks_per_request": 3,
         "generate.max_tokens": 320,
@@ -37,13 +37,13 @@ def tiny_run_args(base_url: str, run_dir: Path) -> list[str]:
         "train.sft.max_steps": 4,
         "train.sft.batch_size": 2,
         "train.sft.save_steps": 2,
-        "train.sft.eval_fraction": 0.34,
+        "train.sft.eval_fraction": 0.25,
         "train.rl.max_steps": 2,
         "train.rl.batch_size": 4,
         "train.rl.num_generations": 2,
         "train.rl.max_completion_length": 16,
-        "eval.tasks": "[{type: countries, options: {limit: 8, kinds: [capital]}}]",
-        "eval.style_items": 4,
+        "eval.tasks": "[{type: countries, options: {limit: 6, kinds: [capital]}}]",
+        "eval.style_items": 3,
         "eval.bootstrap": 200,
     }
     return [
@@ -88,6 +88,8 @@ def test_distill_run_end_to_end_then_kill_and_resume_at_the_right_stage(
     assert len(read_jsonl(run_dir / "responses.jsonl")) == responses_before
     sft = json.loads((run_dir / "sft" / "training_summary.json").read_text())
     assert sft["resumed_from"] == "checkpoint-2" and sft["steps"] == 4
+    logged = [json.loads(line) for line in (run_dir / "sft" / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in logged if "loss" in row] == [1, 2, 3, 4], "each step logged once across the kill"
     for stage in ("sft", "rl", "eval", "report"):
         assert (stages / f"{stage}.json").is_file(), stage
 
@@ -95,11 +97,11 @@ def test_distill_run_end_to_end_then_kill_and_resume_at_the_right_stage(
     assert [m["name"] for m in summary["models"]] == ["base", "sft", "rl", "teacher"]
     scores = summary["scores"]["countries"]
     for name in ("base", "sft", "rl", "teacher"):
-        assert scores[name]["n"] + scores[name]["failed"] == 8
+        assert scores[name]["n"] + scores[name]["failed"] == 6
     predictions = read_jsonl(run_dir / "eval" / "predictions.jsonl")
-    assert len(predictions) == 32 and all(p["prediction"] is not None for p in predictions)
+    assert len(predictions) == 24 and all(p["prediction"] is not None for p in predictions)
     teacher_right = [p for p in predictions if p["model"] == "teacher" and p["correct"]]
-    assert scores["teacher"]["accuracy"] == pytest.approx(len(teacher_right) / 8)
+    assert scores["teacher"]["accuracy"] == pytest.approx(len(teacher_right) / 6)
     assert set(summary["style"]) == {"base", "sft", "rl"}
     report = json.loads((run_dir / "eval" / "report.json").read_text())
     assert len(report["verdict"]) == 2 and all(" accuracy " in line for line in report["verdict"])
