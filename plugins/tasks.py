@@ -5,7 +5,6 @@ Hugging Face formats (a local copy, or the hub when online)."""
 from __future__ import annotations
 
 import hashlib
-import json
 import random
 from collections.abc import Callable
 from pathlib import Path
@@ -100,31 +99,26 @@ class JsonlTask(Task):
     options_model = FileOptions
 
     def questions(self) -> list[Question]:
+        from distill.runstore import read_rows
+
         path = self.options.path  # type: ignore[attr-defined]
         if not path.is_file():
             raise ConfigError([f"eval task jsonl: {path} not found"])
         questions, problems = [], []
-        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                problems.append(f"{path} line {number}: not JSON ({exc.msg})")
-                continue
+        for number, row in enumerate(read_rows(path), 1):  # JSON and UTF-8 problems are reported there
             answers, choices = row.get("answers"), row.get("choices")
             if not isinstance(row.get("question"), str) or not isinstance(answers, list) or not answers:
-                problems.append(f"{path} line {number}: needs 'question' (string) and 'answers' (non-empty list)")
+                problems.append(f"{path} row {number}: needs 'question' (string) and 'answers' (non-empty list)")
                 continue
             if choices is not None:
                 letter = _letter(answers[0], choices)
                 if letter is None:
-                    problems.append(f"{path} line {number}: answers[0] must be a letter or index of 'choices'")
+                    problems.append(f"{path} row {number}: answers[0] must be a letter or index of 'choices'")
                     continue
                 answers = [letter]
             questions.append(
                 Question(
-                    id=str(row.get("id") or f"line_{number}"),
+                    id=str(row.get("id") or f"row_{number}"),
                     question=row["question"],
                     answers=[str(a) for a in answers],
                     choices=choices,

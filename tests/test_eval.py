@@ -168,7 +168,7 @@ def test_bad_task_configs_and_files_are_clear_errors(tmp_path: Path) -> None:
         load_tasks(load_config(None, ["eval.tasks=[{type: countries, options: {kinds: [capitals]}}]"]))
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"question": "x", "answers": []}])
     [(_, task)] = load_tasks(load_config(None, [f'eval.tasks=[{{type: jsonl, options: {{path: "{bad}"}}}}]']))
-    with pytest.raises(ConfigError, match="line 1: needs 'question'"):
+    with pytest.raises(ConfigError, match="row 1: needs 'question'"):
         task.questions()
 
 
