@@ -3,7 +3,6 @@ proxy in front for the faults the real server can't produce on demand (401, 429,
 
 from __future__ import annotations
 
-import itertools
 import time
 
 import pytest
@@ -103,8 +102,11 @@ def test_requests_per_minute_limit_holds_at_the_wire(fault_proxy: FaultProxy) ->
     assert all(r.ok for r in results)
     times = sorted(t for t, _ in fault_proxy.received)
     assert len(times) == 5
-    gaps = [later - earlier for earlier, later in itertools.pairwise(times)]
-    assert min(gaps) >= 0.5 - 0.02  # 120/min = one request per 0.5 s, never faster
+    # 120/min = one request per 0.5 s. Judged on windows, not single gaps: the proxy stamps a
+    # request when its handler runs, so on a busy machine one late stamp shortens the next gap
+    # (seen: 0.86 s then 0.21 s) although the client paced both sends evenly.
+    assert all(sum(start <= t < start + 0.98 for t in times) <= 2 for start in times), times
+    assert times[-1] - times[0] >= 4 * 0.5 - 0.05, times  # 5 requests need at least 2 s
 
 
 def test_missing_api_key_is_a_clear_error(vllm_server: str, monkeypatch: pytest.MonkeyPatch) -> None:
