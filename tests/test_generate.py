@@ -301,7 +301,10 @@ def test_malformed_replies_go_to_failures_with_the_raw_text(fault_proxy: FaultPr
         Fault("reply", body="I cannot produce JSON today."), Fault("reply", body='{"tasks": [{"instruction": 7}]}')
     )
     run_dir = tmp_path / "run"
-    result = run_distill(*openai_generate_args(fault_proxy.base_url, run_dir, 2, "--set", "generate.cache=false"))
+    # One request at a time: with concurrent requests the planned replies may land on requests the
+    # generator never reads, because it stops at the target in request order.
+    one_at_a_time = ("--set", "generate.cache=false", "--set", "generate.batch_size=1")
+    result = run_distill(*openai_generate_args(fault_proxy.base_url, run_dir, 2, *one_at_a_time))
     assert result.returncode == 0, result.stderr
     failures = read_jsonl(run_dir / "failures.jsonl")
     raws = [f.get("raw") for f in failures]
