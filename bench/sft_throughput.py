@@ -4,6 +4,7 @@ subprocess (clean peak memory); runs alternate so machine drift hits all of them
 tokens/s (real, non-padding tokens, as TRL counts them) and peak RSS, and ratios to plain TRL.
 
     python -m bench.sft_throughput [--model smollm2-135m-instruct] [--steps 12] [--repeats 2]
+                                   [--batch 8] [--max-length 256]
 """
 
 from __future__ import annotations
@@ -18,9 +19,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-
-BATCH = 8
-MAX_LENGTH = 256
 
 
 def write_data(path: Path, rows: int = 256) -> Path:
@@ -47,7 +45,7 @@ def write_data(path: Path, rows: int = 256) -> Path:
     return path
 
 
-def plain_trl(model_name: str, data: Path, out: Path, steps: int) -> dict[str, float]:
+def plain_trl(model_name: str, data: Path, out: Path, steps: int, batch: int, max_length: int) -> dict[str, float]:
     """What a user would write with TRL directly: same model, LoRA, data and SFTConfig."""
     import torch
     from datasets import Dataset
@@ -73,9 +71,9 @@ def plain_trl(model_name: str, data: Path, out: Path, steps: int) -> dict[str, f
     args = SFTConfig(
         output_dir=str(out),
         max_steps=steps,
-        per_device_train_batch_size=BATCH,
+        per_device_train_batch_size=batch,
         learning_rate=2e-4,
-        max_length=MAX_LENGTH,
+        max_length=max_length,
         completion_only_loss=True,
         logging_steps=1,
         save_strategy="no",
@@ -91,7 +89,9 @@ def plain_trl(model_name: str, data: Path, out: Path, steps: int) -> dict[str, f
     return {"tokens": tokens, "seconds": result.metrics["train_runtime"]}
 
 
-def distill_sft(model_name: str, data: Path, out: Path, steps: int, mode: str) -> dict[str, float]:
+def distill_sft(
+    model_name: str, data: Path, out: Path, steps: int, batch: int, max_length: int, mode: str
+) -> dict[str, float]:
     from distill.config import load_config
     from distill.train import run_sft
 
@@ -100,8 +100,8 @@ def distill_sft(model_name: str, data: Path, out: Path, steps: int, mode: str) -
         f"train.student={model_name}",
         f"train.sft.data={data}",
         f"train.sft.max_steps={steps}",
-        f"train.sft.batch_size={BATCH}",
-        f"train.sft.max_length={MAX_LENGTH}",
+        f"train.sft.batch_size={batch}",
+        f"train.sft.max_length={max_length}",
         "train.sft.eval_fraction=0",
         "train.sft.warmup_ratio=0",
         "train.sft.save_steps=100000",
@@ -119,9 +119,9 @@ def one(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
         if args.one == "trl":
-            result = plain_trl(args.model, Path(args.data), out, args.steps)
+            result = plain_trl(args.model, Path(args.data), out, args.steps, args.batch, args.max_length)
         else:
-            result = distill_sft(args.model, Path(args.data), out, args.steps, args.one)
+            result = distill_sft(args.model, Path(args.data), out, args.steps, args.batch, args.max_length, args.one)
     result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print("RESULT " + json.dumps(result))
 
@@ -131,6 +131,8 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -157,6 +159,10 @@ def main() -> None:
                         args.model,
                         "--steps",
                         str(args.steps),
+                        "--batch",
+                        str(args.batch),
+                        "--max-length",
+                        str(args.max_length),
                     ],
                     capture_output=True,
                     text=True,
@@ -171,7 +177,7 @@ def main() -> None:
         summary[mode] = {"tok_s": round(rate, 1), "peak_rss_mib": round(max(r["peak_rss_mib"] for r in results))}
     base = summary["trl"]["tok_s"]
     print(
-        f"\n{args.model}, LoRA r16 all-linear, batch {BATCH}, max_length {MAX_LENGTH}, "
+        f"\n{args.model}, LoRA r16 all-linear, batch {args.batch}, max_length {args.max_length}, "
         f"{args.steps} steps, median of {args.repeats}"
     )
     for mode, row in summary.items():
@@ -188,7 +194,8 @@ def main() -> None:
         )
     out = Path(__file__).parent / "results"
     out.mkdir(exist_ok=True)
-    (out / "sft_throughput.json").write_text(json.dumps(summary, indent=2))
+    settings = {"model": args.model, "steps": args.steps, "batch": args.batch, "max_length": args.max_length}
+    (out / "sft_throughput.json").write_text(json.dumps({"settings": settings, "results": summary}, indent=2))
 
 
 if __name__ == "__main__":

@@ -3,9 +3,11 @@ print a summary. Errors the user can fix print one line per problem and exit non
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
+import shutil
 import sys
 from collections.abc import Callable
 from functools import wraps
@@ -34,8 +36,33 @@ def handle_errors(function: Callable[..., Any]) -> Callable[..., Any]:
         except KeyboardInterrupt:
             click.echo("interrupted: saved work is kept; run the same command again to resume", err=True)
             sys.exit(130)
+        except Exception as exc:
+            storage = storage_error(exc)
+            if storage is None:
+                raise  # a bug: keep the traceback
+            where = storage.filename or "the output directory"
+            click.echo(
+                f"error: cannot write {where}: {storage.strerror or storage}; free space or make it writable (or pick "
+                "another --run-dir), then run the same command again: saved work is kept and resumes",
+                err=True,
+            )
+            sys.exit(1)
 
     return wrapper
+
+
+STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
+
+
+def storage_error(exc: BaseException) -> OSError | None:
+    """The full-disk / read-only / permission OSError behind ``exc`` (libraries such as datasets
+    and torch wrap it), or None."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in STORAGE_ERRNOS:
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 config_option = click.option(
@@ -416,6 +443,46 @@ def export(adapter_dir: Path, merge: bool, out_dir: Path, trust_remote_code: boo
 
     path = export_merged(adapter_dir, out_dir, trust_remote_code=trust_remote_code)
     click.echo(f"merged model: {path}")
+
+
+@cli.command()
+@click.argument("path", type=click.Path(path_type=Path, exists=True, file_okay=False))
+@click.option("--repo-id", required=True, help="Hub repository to create or update, e.g. me/my-distilled-data.")
+@click.option("--private", is_flag=True, help="Create the repository as private.")
+@click.option("--dry-run", is_flag=True, help="Stage and check the files and list them; upload nothing.")
+@click.option(
+    "--staging",
+    type=click.Path(path_type=Path),
+    help="Folder to stage the upload in (default: a temporary one, kept after --dry-run).",
+)
+@handle_errors
+def push(path: Path, repo_id: str, private: bool, dry_run: bool, staging: Path | None) -> None:
+    """Upload a finished generate run (as a dataset) or a trained adapter (as a model) to the
+    Hugging Face Hub, with its card. The files are staged and scanned first: a file holding the
+    value of any *KEY* / *TOKEN* / *SECRET* environment variable stops the push. The Hub token
+    comes from HF_TOKEN or `hf auth login`, never from distill's files.
+
+    \b
+    distill push runs/quickstart --repo-id me/quickstart-data --dry-run
+    distill push runs/quickstart/sft --repo-id me/quickstart-sft --private
+    """
+    import tempfile
+
+    from distill.push import plan_push, stage, upload
+
+    plan = plan_push(path)
+    folder = staging or Path(tempfile.mkdtemp(prefix="distill-push-"))
+    listed = stage(plan, folder)
+    click.echo(f"{plan.repo_type} repo {repo_id}: {len(listed)} files staged in {folder}")
+    for name, size in listed:
+        click.echo(f"  {name}  {size:,} bytes")
+    if dry_run:
+        click.echo("dry run: nothing uploaded")
+        return
+    url = upload(plan, folder, repo_id, private)
+    if staging is None:
+        shutil.rmtree(folder, ignore_errors=True)
+    click.echo(f"pushed: {url}")
 
 
 @cli.command("eval")

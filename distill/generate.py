@@ -38,7 +38,7 @@ from distill.records import (
     SimilarInstruction,
     Usage,
 )
-from distill.runstore import AnswerSource, JsonlLog, RequestCache, write_atomic, write_manifest
+from distill.runstore import AnswerSource, JsonlLog, RequestCache, unmark_finished, write_atomic, write_manifest
 from distill.teacher import Teacher
 
 log = logging.getLogger(__name__)
@@ -272,6 +272,7 @@ class Generator:
     def run(self, progress: Any = None) -> dict[str, Any]:
         s = self.settings
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        unmark_finished(self.run_dir)
         answers = AnswerSource.for_teacher(
             self.config.teacher, self._teacher, JsonlLog(self.run_dir / RESPONSES), cache=s.cache
         )
@@ -405,7 +406,7 @@ class Generator:
             return candidates
         for problem in problems:
             fail("unparseable_task", problem=problem, raw=text)
-        created = datetime.now(timezone.utc).isoformat()
+        created = result.created or datetime.now(timezone.utc).isoformat()
         for position, task in enumerate(tasks):
             if len(state.kept) + pending + len(candidates) >= s.target:
                 return candidates

@@ -25,9 +25,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from distill.config import DistillConfig, JudgeSpec, config_dump, format_validation_error
 from distill.errors import ConfigError, DistillError
 from distill.records import ChatRequest, ChatResult, JudgeItem, Judgement, Message, TokenLogprob
-from distill.runstore import AnswerSource, JsonlLog, read_rows, write_atomic, write_manifest
+from distill.runstore import AnswerSource, JsonlLog, read_rows, unmark_finished, write_atomic, write_manifest
 
 JUDGEMENTS = "judgements.jsonl"
+FAILURES = "failures.jsonl"  # the invalid judgements again, one line each with the raw reply
 JUDGE_RESPONSES = "judge_responses.jsonl"
 
 
@@ -499,6 +500,16 @@ def summarize(judgements: list[Judgement]) -> dict[str, Any]:
     return summary
 
 
+def failure_line(judgement: Judgement) -> str:
+    record = {
+        "item_id": judgement.item_id,
+        "judge": judgement.judge,
+        "reason": judgement.invalid_reason,
+        "raw": judgement.raw[0] if len(judgement.raw) == 1 else judgement.raw,
+    }
+    return json.dumps(record, ensure_ascii=False) + "\n"
+
+
 def run_judge(config: DistillConfig, dataset: Path, teacher: Any = None, progress: Any = None) -> dict[str, Any]:
     """Run (or resume) `distill judge`: every judge over every row. Judgements are rebuilt from the
     judge answer log on each start, so a crash loses nothing and duplicates nothing."""
@@ -511,17 +522,23 @@ def run_judge(config: DistillConfig, dataset: Path, teacher: Any = None, progres
     judges = [load_judge(spec, answers, where=f"judge.judges.{i}") for i, spec in enumerate(config.judge.judges)]
     items = read_items(dataset, config, pairwise=any(j.pairwise for j in judges))
     run_dir.mkdir(parents=True, exist_ok=True)
+    unmark_finished(run_dir)
     started = time.perf_counter()
     judgements: list[Judgement] = []
     batch = config.judge.batch_size
     try:
-        with (run_dir / JUDGEMENTS).open("w", encoding="utf-8") as out:
+        with (
+            (run_dir / JUDGEMENTS).open("w", encoding="utf-8") as out,
+            (run_dir / FAILURES).open("w", encoding="utf-8") as failures,
+        ):
             for judge in judges:
                 for start in range(0, len(items), batch):
                     new = judge.judge(items[start : start + batch])
                     judgements.extend(new)
                     out.writelines(j.model_dump_json() + "\n" for j in new)
+                    failures.writelines(failure_line(j) for j in new if not j.valid)
                     out.flush()
+                    failures.flush()
                     if progress is not None:
                         progress(len(judgements), len(items) * len(judges))
     finally:

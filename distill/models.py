@@ -103,6 +103,29 @@ def is_prepared(alias: str) -> bool:
     return json.loads(meta.read_text()).get("conversion_version") == CONVERSION_VERSION
 
 
+# Pickle-based weight formats: loading one can run arbitrary code, so distill never does.
+PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle"}
+
+
+def require_safetensors(directory: Path, what: str = "model") -> None:
+    """Refuse a local model, adapter or checkpoint directory whose weights exist only as pickles.
+    (A Trainer checkpoint's optimizer/scheduler/RNG state is read by transformers with
+    ``torch.load(weights_only=True)``, which refuses code; ``training_args.bin`` is never read.)"""
+    if any(directory.glob("*.safetensors")):
+        return
+    pickles = sorted(
+        p.name
+        for p in directory.iterdir()
+        if p.suffix in PICKLE_SUFFIXES and p.stem.startswith(("pytorch_model", "adapter_model", "model"))
+    )
+    if pickles:
+        raise ModelError(
+            f"{what} '{directory}': weights are pickle files ({', '.join(pickles)}), which can run code "
+            "when loaded; distill loads safetensors only: convert them where you trust the source "
+            "(save_pretrained(..., safe_serialization=True)) and point distill at the result"
+        )
+
+
 def resolve_model(name: str) -> str:
     """A bundled alias (prepared on first use), a local HF directory, or a hub id → what
     ``from_pretrained`` / vLLM accept. Raise ModelError naming what is accepted."""
@@ -112,6 +135,7 @@ def resolve_model(name: str) -> str:
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ModelError(f"model '{name}': directory has no config.json; point at a HF model directory")
+        require_safetensors(path)
         return str(path.resolve())
     if path.exists() or name.startswith((".", "/", "~")):
         raise ModelError(

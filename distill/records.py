@@ -96,6 +96,7 @@ class ChatResult(Record):
     usage: Usage = Field(default_factory=Usage, description="Token counts.")
     latency_s: float = Field(0.0, description="Wall time from send to answer, retries included.")
     error: TeacherFailure | None = Field(None, description="Set when no completion was produced.")
+    created: str | None = Field(None, description="When the answer arrived (UTC, ISO 8601); kept on replay.")
 
     @property
     def ok(self) -> bool:

@@ -69,10 +69,19 @@ class JsonlLog:
         if not lines:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self.path.open("a", encoding="utf-8") as handle:
-            handle.write(lines)
-            handle.flush()
-            os.fsync(handle.fileno())
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            start = os.fstat(fd).st_size
+            try:
+                data = memoryview(lines.encode("utf-8"))
+                while data:
+                    data = data[os.write(fd, data) :]
+                os.fsync(fd)
+            except OSError:
+                os.ftruncate(fd, start)  # a full disk leaves no torn line behind
+                raise
+        finally:
+            os.close(fd)
 
 
 class RequestCache:
@@ -178,6 +187,8 @@ class AnswerSource:
             self.log.append(new_rows)
         if to_send:
             results = self.teacher.generate(to_send)
+            arrived = datetime.now(timezone.utc).isoformat()
+            results = [res if res.created else res.model_copy(update={"created": arrived}) for res in results]
             self.counts.sent += len(to_send)
             good = [(r, res) for r, res in zip(to_send, results) if res.ok]
             if self.log is not None:
@@ -221,6 +232,13 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
     """Rows of a dataset file or directory (generate run dir, HF save_to_disk dir, .jsonl, .json)."""
     if path.is_dir():
         if (path / "instructions.jsonl").is_file():
+            if not (path / MANIFEST).is_file():
+                raise ConfigError(
+                    [
+                        f"{path}: this generate run has not finished (no {MANIFEST}); run the same "
+                        "`distill generate` again to finish it, then use it"
+                    ]
+                )
             return read_rows(path / "instructions.jsonl")
         if (path / "dataset_info.json").is_file() or (path / "dataset" / "dataset_info.json").is_file():
             import datasets
@@ -263,8 +281,12 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
 def write_atomic(path: Path, text: str) -> None:
     """Write a file so that it is either the old one or the complete new one."""
     temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(text, encoding="utf-8")
-    os.replace(temporary, path)
+    try:
+        temporary.write_text(text, encoding="utf-8")
+        os.replace(temporary, path)
+    except OSError:
+        temporary.unlink(missing_ok=True)  # a full disk leaves no half-written stray behind
+        raise
 
 
 def versions() -> dict[str, str]:
@@ -277,6 +299,15 @@ def versions() -> dict[str, str]:
     return found
 
 
+MANIFEST = "manifest.json"
+
+
+def unmark_finished(run_dir: Path) -> None:
+    """Remove the manifest before a stage rewrites its outputs: the manifest is the mark of a
+    finished stage, and a run that stops half way (crash, full disk) must not look finished."""
+    (run_dir / MANIFEST).unlink(missing_ok=True)
+
+
 def write_manifest(run_dir: Path, stage: str, config: dict[str, Any], extra: dict[str, Any]) -> None:
     """manifest.json: command, versions, config (which never holds secrets), stage results."""
     manifest = {
@@ -287,4 +318,4 @@ def write_manifest(run_dir: Path, stage: str, config: dict[str, Any], extra: dic
         "config": config,
         **extra,
     }
-    write_atomic(run_dir / "manifest.json", json.dumps(manifest, indent=2, ensure_ascii=False))
+    write_atomic(run_dir / MANIFEST, json.dumps(manifest, indent=2, ensure_ascii=False))

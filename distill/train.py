@@ -23,6 +23,7 @@ from typing import Any
 
 from distill.config import DistillConfig, TrainConfig, config_dump
 from distill.errors import ConfigError, DistillError
+from distill.models import require_safetensors, resolve_model
 from distill.runstore import read_rows, write_atomic, write_manifest
 
 log = logging.getLogger(__name__)
@@ -97,8 +98,6 @@ def load_student(train: TrainConfig, adapter: Path | None = None, trainable: boo
     loaded on top. A tokenizer without a chat template gets distill's default one."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from distill.models import resolve_model
-
     path = resolve_model(train.student)
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=train.trust_remote_code)
     if tokenizer.chat_template is None:
@@ -113,6 +112,7 @@ def load_student(train: TrainConfig, adapter: Path | None = None, trainable: boo
     if adapter is not None:
         from peft import PeftModel
 
+        require_safetensors(adapter, "adapter")
         model = PeftModel.from_pretrained(model, str(adapter), is_trainable=trainable)
     return model, tokenizer, Path(path)
 
@@ -252,6 +252,8 @@ def prepare_output(output_dir: Path, resume: bool, overwrite: bool) -> str | Non
         )
     elif (output_dir / "adapter_model.safetensors").exists() and not resume:
         raise DistillError(f"{output_dir} already holds a trained adapter: pass --overwrite to train again")
+    if last is not None:
+        require_safetensors(Path(last), "checkpoint")
     output_dir.mkdir(parents=True, exist_ok=True)
     return last
 
@@ -320,9 +322,9 @@ def run_sft(
     output_dir = sft_output_dir(config)
     pairs = load_pairs(data)  # every data problem surfaces before the model loads
     train_pairs, eval_pairs = split_pairs(pairs, s.eval_fraction, train.seed)
+    checkpoint = prepare_output(output_dir, resume, overwrite)  # before the slow model load
     model, tokenizer, base_path = load_student(train)
     peft_config = lora_config(train, model)
-    checkpoint = prepare_output(output_dir, resume, overwrite)
     if is_main_process():
         split = {"data": str(data), "train": [p["id"] for p in train_pairs], "eval": [p["id"] for p in eval_pairs]}
         write_atomic(output_dir / SPLIT, json.dumps(split))
@@ -462,9 +464,9 @@ def run_rl(
     rewards, weights = reward_functions(config, teacher=judge_teacher)
     prompts = rl_prompts(config)
     start_adapter = sft_output_dir(config) if r.start_from == "sft" else None
+    checkpoint = prepare_output(output_dir, resume, overwrite)  # before the slow model load
     model, tokenizer, base_path = load_student(train, adapter=start_adapter, trainable=True)
     peft_config = None if start_adapter is not None else lora_config(train, model)
-    checkpoint = prepare_output(output_dir, resume, overwrite)
 
     common = {
         **trainer_arguments(config, output_dir, r.logging_steps, r.save_steps),
@@ -531,8 +533,9 @@ def export_merged(adapter_dir: Path, out_dir: Path, trust_remote_code: bool = Fa
 
     if not (adapter_dir / "adapter_config.json").is_file():
         raise DistillError(f"{adapter_dir}: no adapter_config.json; point at the output dir of `distill train`")
+    require_safetensors(adapter_dir, "adapter")
     peft_config = PeftConfig.from_pretrained(str(adapter_dir))
-    base = peft_config.base_model_name_or_path
+    base = resolve_model(peft_config.base_model_name_or_path)
     model = AutoModelForCausalLM.from_pretrained(
         base, dtype="auto", trust_remote_code=trust_remote_code, use_safetensors=True
     )

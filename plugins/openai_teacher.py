@@ -52,7 +52,9 @@ class OpenAIOptions(BaseModel):
         None, gt=0, description="Most tokens a minute (prompt chars/4 + max_tokens × n), paced evenly; null: no limit."
     )
     max_retries: int = Field(5, ge=0, le=50, description="Retries of a failed request (429, 5xx, timeouts, resets).")
-    timeout_s: float = Field(120.0, gt=0, le=3600, description="Per-attempt timeout; cannot be disabled.")
+    timeout_s: float = Field(
+        120.0, gt=0, le=3600, description="Deadline for one attempt, first byte to last; cannot be disabled."
+    )
     backoff_initial_s: float = Field(1.0, gt=0, description="First retry delay; doubles each retry, with jitter.")
     backoff_max_s: float = Field(60.0, gt=0, description="Longest retry delay (a longer retry-after is honoured).")
     extra_body: dict[str, Any] = Field(
@@ -68,15 +70,17 @@ class PacedLimiter:
     def __init__(self, per_minute: float):
         self.seconds_per_unit = 60.0 / per_minute
         self.next_free = 0.0
-        self.lock = asyncio.Lock()
+        # A thread lock, not an asyncio one: the limiter outlives each call's event loop, so the
+        # pace holds across batches too. The slot is reserved without awaiting, then waited for.
+        self.lock = threading.Lock()
 
     async def acquire(self, units: float = 1.0) -> None:
-        async with self.lock:
+        with self.lock:
             now = time.monotonic()
-            if self.next_free > now:
-                await asyncio.sleep(self.next_free - now)
-                now = time.monotonic()
-            self.next_free = max(now, self.next_free) + units * self.seconds_per_unit
+            start = max(now, self.next_free)
+            self.next_free = start + units * self.seconds_per_unit
+        if start > now:
+            await asyncio.sleep(start - now)
 
 
 def run_sync(coroutine: Coroutine[Any, Any, T]) -> T:
@@ -133,6 +137,10 @@ class OpenAITeacher(Teacher):
     def __init__(self, model: str, options: BaseModel):
         super().__init__(model, options)
         self._check_key()
+        # One pace for the teacher's whole life, not per batch.
+        opts = self.options
+        self.rpm = PacedLimiter(opts.requests_per_minute) if opts.requests_per_minute else None
+        self.tpm = PacedLimiter(opts.tokens_per_minute) if opts.tokens_per_minute else None
 
     def _check_key(self) -> None:
         env = self.options.api_key_env
@@ -167,8 +175,7 @@ class OpenAITeacher(Teacher):
         """Answer all requests concurrently; results in request order."""
         options = self.options
         semaphore = asyncio.Semaphore(options.max_concurrency)
-        rpm = PacedLimiter(options.requests_per_minute) if options.requests_per_minute else None
-        tpm = PacedLimiter(options.tokens_per_minute) if options.tokens_per_minute else None
+        rpm, tpm = self.rpm, self.tpm
         abort: list[TeacherFailure] = []  # the first fatal failure stops new sends
         async with self._client() as client:
 
@@ -203,7 +210,11 @@ class OpenAITeacher(Teacher):
             if abort:
                 continue
             try:
-                response = await client.chat.completions.create(**self._payload(request))
+                # A whole-attempt deadline: httpx's timeout is per read, so a server that trickles
+                # a byte at a time would otherwise hold the request forever.
+                response = await asyncio.wait_for(
+                    client.chat.completions.create(**self._payload(request)), self.options.timeout_s
+                )
                 return self._result(request, response, started)
             except Exception as exc:  # classified below; nothing escapes and loses the batch
                 failure, wait = self._classify(exc, attempt)
@@ -280,7 +291,7 @@ class OpenAITeacher(Teacher):
         """A failure record for an exception, and how long to wait before retrying it."""
         backoff = min(self.options.backoff_initial_s * 2 ** (attempt - 1), self.options.backoff_max_s)
         backoff *= random.uniform(0.75, 1.25)
-        if isinstance(exc, openai.APITimeoutError):
+        if isinstance(exc, (openai.APITimeoutError, TimeoutError)):
             return TeacherFailure(
                 kind="timeout", message=f"no answer within {self.options.timeout_s}s", attempts=attempt
             ), backoff

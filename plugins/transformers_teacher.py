@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import itertools
 import time
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 import distill
-from distill.models import resolve_model
+from distill.models import require_safetensors, resolve_model
 from distill.records import ChatRequest, ChatResult, TeacherFailure, TokenLogprob, Usage
 from distill.teacher import Teacher
 
@@ -59,11 +60,12 @@ class TransformersTeacher(Teacher):
 
             self.tokenizer.chat_template = read_prompt("chat_templates/default.jinja")
         self.hf_model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=getattr(torch, dtype_name), trust_remote_code=opts.trust_remote_code
+            path, dtype=getattr(torch, dtype_name), trust_remote_code=opts.trust_remote_code, use_safetensors=True
         ).to(self.device)
         if opts.adapter:
             from peft import PeftModel
 
+            require_safetensors(Path(opts.adapter), "adapter")
             self.hf_model = PeftModel.from_pretrained(self.hf_model, opts.adapter)
         self.hf_model.eval()
 

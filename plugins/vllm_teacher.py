@@ -82,7 +82,7 @@ class VllmTeacher(Teacher):
             enforce_eager=opts.enforce_eager,
             seed=opts.seed,
             trust_remote_code=opts.trust_remote_code,
-            **opts.engine_args,
+            **{"load_format": "safetensors", **opts.engine_args},  # never pickles, unless asked for
         )
         tokenizer = self.llm.get_tokenizer()
         self.chat_template: str | None = None

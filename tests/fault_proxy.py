@@ -5,6 +5,8 @@ every request it receives, so tests can assert on retries and rate limits at the
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import random
 import threading
 import time
 from dataclasses import dataclass, field
@@ -16,8 +18,10 @@ from aiohttp import web
 
 @dataclass
 class Fault:
-    """What to do with one request: ``kind`` is pass, status, hang, reset, garbage (a body that is
-    not JSON) or reply (a well-formed chat completion whose message content is ``body``)."""
+    """What to do with one request: ``kind`` is pass, status, hang (accept, never answer), reset
+    (drop the connection), garbage (a body that is not JSON), truncated (a real answer cut off
+    mid-body), trickle (a real answer sent a few bytes a second) or reply (a well-formed chat
+    completion whose message content is ``body``)."""
 
     kind: str = "pass"
     status: int = 200
@@ -25,8 +29,22 @@ class Fault:
     body: str = '{"error": {"message": "injected fault"}}'
 
 
+@dataclass
+class Answered:
+    """One request as the proxy saw it: when it came and left (monotonic), its body's hash, the
+    fault applied (``pass``: forwarded untouched), the status sent back and its retry-after."""
+
+    received: float
+    sent: float
+    body_sha256: str
+    fault: str
+    status: int
+    retry_after: str | None
+
+
 class FaultProxy:
-    """``FaultProxy(upstream).start()``; queue faults with ``plan``; read ``received``."""
+    """``FaultProxy(upstream).start()``; queue faults with ``plan`` or set a random ``storm``;
+    read ``received`` and ``answered``."""
 
     def __init__(self, upstream: str):
         self.upstream = upstream.rstrip("/")
@@ -34,6 +52,8 @@ class FaultProxy:
         self.received: list[tuple[float, str]] = []  # (monotonic time, path) of each request
         self.authorizations: list[str] = []  # the Authorization header of each request
         self.bodies: list[bytes] = []  # the body of each request
+        self.answered: list[Answered] = []  # what each request got back
+        self._storm: tuple[float, list[Fault], random.Random] | None = None
         self.port = 0
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
@@ -48,11 +68,27 @@ class FaultProxy:
         """Faults to apply to the next requests, in order; then requests pass through."""
         self.faults.extend(faults)
 
+    def storm(self, rate: float, faults: list[Fault], seed: int = 0) -> None:
+        """Once the planned faults are used up, answer each request with probability ``rate``
+        with one of ``faults`` (chosen at random, seeded); ``rate=0`` ends the storm."""
+        self._storm = (rate, faults, random.Random(seed)) if rate > 0 else None
+
     def reset(self) -> None:
         self.faults.clear()
+        self._storm = None
         self.received.clear()
         self.authorizations.clear()
         self.bodies.clear()
+        self.answered.clear()
+
+    def _next_fault(self) -> Fault:
+        if self.faults:
+            return self.faults.pop(0)
+        if self._storm is not None:
+            rate, faults, rng = self._storm
+            if rng.random() < rate:
+                return rng.choice(faults)
+        return Fault()
 
     def start(self) -> FaultProxy:
         threading.Thread(target=self._serve, daemon=True).start()
@@ -81,11 +117,26 @@ class FaultProxy:
         self._loop.run_forever()
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
-        self.received.append((time.monotonic(), request.path))
+        received = time.monotonic()
+        self.received.append((received, request.path))
         self.authorizations.append(request.headers.get("Authorization", ""))
-        fault = self.faults.pop(0) if self.faults else Fault()
+        fault = self._next_fault()
         body = await request.read()
         self.bodies.append(body)
+        response = await self._respond(request, body, fault)
+        self.answered.append(
+            Answered(
+                received,
+                time.monotonic(),
+                hashlib.sha256(body).hexdigest(),
+                fault.kind,
+                response.status,
+                response.headers.get("retry-after"),
+            )
+        )
+        return response
+
+    async def _respond(self, request: web.Request, body: bytes, fault: Fault) -> web.StreamResponse:
         if fault.kind == "status":
             return web.Response(
                 status=fault.status, text=fault.body, headers=fault.headers, content_type="application/json"
@@ -112,7 +163,32 @@ class FaultProxy:
             return web.json_response(completion)
         if fault.kind == "garbage":
             return web.Response(status=200, text="<html>not json", content_type="application/json")
-        return await self._forward(request, body)
+        upstream = await self._forward(request, body)
+        if fault.kind in ("truncated", "trickle"):
+            return await self._damaged(request, upstream, fault.kind)
+        return upstream
+
+    async def _damaged(self, request: web.Request, upstream: web.Response, kind: str) -> web.StreamResponse:
+        """The real answer, cut off after half its bytes (connection closed), or trickled out."""
+        payload = upstream.body if isinstance(upstream.body, bytes) else b""
+        response = web.StreamResponse(status=upstream.status, headers={"Content-Type": "application/json"})
+        response.content_length = len(payload)
+        await response.prepare(request)
+        if kind == "truncated":
+            await response.write(payload[: len(payload) // 2])
+            assert request.transport is not None
+            request.transport.close()
+            return response
+        assert self._stopping is not None
+        try:
+            for start in range(0, len(payload), 8):  # 8 bytes every 0.5 s: no read ever waits long
+                if self._stopping.is_set():
+                    break
+                await response.write(payload[start : start + 8])
+                await asyncio.sleep(0.5)
+        except ConnectionError:
+            pass  # the client gave up on us, as it should
+        return response
 
     async def _forward(self, request: web.Request, body: bytes) -> web.Response:
         skip = {"host", "content-length"}

@@ -4,23 +4,16 @@ from __future__ import annotations
 
 import json
 import os
+import time
 import uuid
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import SERVED_NAME, run_distill
+from tests.conftest import SERVED_NAME, files_containing, run_distill
 from tests.fault_proxy import Fault, FaultProxy
 
 pytestmark = pytest.mark.slow
-
-
-def files_containing(root: Path, needle: str) -> list[Path]:
-    found = []
-    for path in root.rglob("*"):
-        if path.is_file() and not path.is_symlink() and needle.encode() in path.read_bytes():
-            found.append(path)
-    return found
 
 
 def openai_args(base_url: str, run_dir: Path) -> list[str]:
@@ -44,6 +37,7 @@ def openai_args(base_url: str, run_dir: Path) -> list[str]:
 
 
 def test_canary_key_is_used_but_never_written_or_logged(fault_proxy: FaultProxy, tmp_path: Path) -> None:
+    started = time.time()
     canary = f"sk-canary-{uuid.uuid4().hex}"
     run_dir = tmp_path / "run"
     result = run_distill(*openai_args(fault_proxy.base_url, run_dir), env={"DISTILL_CANARY_KEY": canary})
@@ -57,7 +51,7 @@ def test_canary_key_is_used_but_never_written_or_logged(fault_proxy: FaultProxy,
     assert "DEBUG" in result.stderr  # debug logging was on, and still nothing leaked
     assert canary not in result.stdout + result.stderr
     assert files_containing(run_dir, canary) == []
-    assert files_containing(Path(os.environ["DISTILL_HOME"]), canary) == []
+    assert files_containing(Path(os.environ["DISTILL_HOME"]), canary, since=started) == []
 
 
 def test_server_echoing_the_key_in_a_401_does_not_leak_it(fault_proxy: FaultProxy, tmp_path: Path) -> None:

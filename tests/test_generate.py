@@ -1,15 +1,9 @@
-"""`distill generate`: parsing, filters, dedup, end to end on the bundled teacher, resume after
-SIGKILL, the request cache, and malformed replies."""
+"""`distill generate`: parsing, filters, dedup, end to end on the in-process engine, and the
+request cache. (Faults, kills and full disks: tests/reliability/.)"""
 
 from __future__ import annotations
 
-import json
-import os
 import random
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -18,46 +12,8 @@ from distill.config import FilterConfig, load_config
 from distill.dedup import NearDuplicateIndex, quadratic_dedup, rouge_l, tokenize
 from distill.errors import ConfigError
 from distill.generate import load_seed_tasks, parse_reply, rejection_reason
-from distill.records import Instruction
-from tests.conftest import REPO, SERVED_NAME, run_distill
-from tests.fault_proxy import Fault, FaultProxy
-
-SMALL_RUN = [
-    "--set",
-    "generate.batch_size=4",
-    "--set",
-    "generate.tasks_per_request=3",
-    "--set",
-    "generate.max_tokens=320",
-    "--set",
-    "generate.temperature=0.7",
-    "--no-progress",
-]
-
-
-def openai_generate_args(base_url: str, run_dir: Path, target: int, *extra: str) -> list[str]:
-    return [
-        "generate",
-        "--teacher",
-        "openai",
-        "--model",
-        SERVED_NAME,
-        "--run-dir",
-        str(run_dir),
-        "--target",
-        str(target),
-        "--set",
-        f"teacher.options.base_url={base_url}",
-        "--set",
-        "teacher.options.api_key_env=null",
-        *SMALL_RUN,
-        *extra,
-    ]
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-
+from tests.conftest import check_generate_run, openai_generate_args, read_jsonl, run_distill
+from tests.fault_proxy import FaultProxy
 
 # Parsing and filters ---------------------------------------------------------------------------
 
@@ -188,36 +144,6 @@ def test_fast_index_decides_exactly_like_the_quadratic_procedure() -> None:
 # End to end ------------------------------------------------------------------------------------
 
 
-def check_run(run_dir: Path, target: int, backend: str) -> list[Instruction]:
-    rows = [Instruction.model_validate(row) for row in read_jsonl(run_dir / "instructions.jsonl")]
-    assert len(rows) == target
-    assert len({row.id for row in rows}) == target
-    for row in rows:
-        assert row.instruction.strip() and row.output.strip()
-        assert row.messages[0].role == "user" and row.messages[0].content.startswith(row.instruction)
-        assert row.messages[1].content == row.output
-        assert row.provenance.backend == backend and len(row.provenance.template_sha256) == 64
-        assert row.provenance.seed_ids and row.provenance.usage.completion_tokens > 0
-    import datasets
-
-    assert datasets.load_from_disk(str(run_dir / "dataset"))["id"] == [row.id for row in rows]
-    assert len(json.loads((run_dir / "alpaca.json").read_text())) == target
-    manifest = json.loads((run_dir / "manifest.json").read_text())
-    assert manifest["summary"]["kept"] == target and manifest["summary"]["complete"]
-    card = (run_dir / "README.md").read_text()
-    assert f"{target} Alpaca-style tasks" in card and "ROUGE-L F ≥ 0.7" in card
-    return rows
-
-
-@pytest.mark.slow
-def test_generate_through_the_real_vllm_server(vllm_server: str, tmp_path: Path) -> None:
-    run_dir = tmp_path / "run"
-    result = run_distill(*openai_generate_args(vllm_server, run_dir, 5, "--set", "generate.cache=false"))
-    assert result.returncode == 0, result.stderr
-    check_run(run_dir, 5, "openai")
-    assert "kept" in result.stdout and "5 / 5" in result.stdout
-
-
 @pytest.mark.slow
 def test_generate_with_the_in_process_vllm_engine(vllm_teacher: object, tmp_path: Path) -> None:
     from distill.generate import run_generate
@@ -236,40 +162,7 @@ def test_generate_with_the_in_process_vllm_engine(vllm_teacher: object, tmp_path
     )
     summary = run_generate(config, teacher=vllm_teacher)  # type: ignore[arg-type]
     assert summary["kept"] == 5 and summary["reply_format"] == "json"
-    check_run(tmp_path / "run", 5, "vllm")
-
-
-def prompts_sent(proxy: FaultProxy) -> list[str]:
-    return [json.loads(body)["messages"][0]["content"] for body in proxy.bodies if body]
-
-
-@pytest.mark.slow
-def test_sigkill_then_rerun_resumes_without_duplicates_or_repeats(fault_proxy: FaultProxy, tmp_path: Path) -> None:
-    run_dir, target = tmp_path / "run", 8
-    args = openai_generate_args(
-        fault_proxy.base_url, run_dir, target, "--set", "generate.cache=false", "--set", "generate.batch_size=2"
-    )
-    process = subprocess.Popen(
-        [sys.executable, "-m", "distill.cli", *args], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    responses = run_dir / "responses.jsonl"
-    deadline = time.monotonic() + 600
-    while len(read_jsonl(responses)) < 2 and time.monotonic() < deadline and process.poll() is None:
-        time.sleep(0.2)
-    os.kill(process.pid, signal.SIGKILL)
-    process.wait()
-    saved_before = {row["request"]["messages"][0]["content"] for row in read_jsonl(responses)}
-    assert saved_before, "the run was killed before it saved anything"
-    with responses.open("a") as handle:  # a torn last line, as if killed mid-write
-        handle.write('{"request_id": "torn", "resu')
-    fault_proxy.reset()
-    result = run_distill(*args)
-    assert result.returncode == 0, result.stderr
-    rows = check_run(run_dir, target, "openai")
-    assert len({row.instruction for row in rows}) == target
-    assert saved_before.isdisjoint(prompts_sent(fault_proxy))  # no saved work asked for again
-    manifest = json.loads((run_dir / "manifest.json").read_text())
-    assert manifest["summary"]["replayed_from_log"] >= len(saved_before)
+    check_generate_run(tmp_path / "run", 5, "vllm")
 
 
 @pytest.mark.slow
@@ -293,23 +186,3 @@ def test_identical_rerun_is_free_and_changed_settings_miss(fault_proxy: FaultPro
     )
     assert changed.returncode == 0, changed.stderr
     assert len(fault_proxy.bodies) >= 1  # a setting that changes answers is not served from cache
-
-
-@pytest.mark.slow
-def test_malformed_replies_go_to_failures_with_the_raw_text(fault_proxy: FaultProxy, tmp_path: Path) -> None:
-    fault_proxy.plan(
-        Fault("reply", body="I cannot produce JSON today."), Fault("reply", body='{"tasks": [{"instruction": 7}]}')
-    )
-    run_dir = tmp_path / "run"
-    # One request at a time: with concurrent requests the planned replies may land on requests the
-    # generator never reads, because it stops at the target in request order.
-    one_at_a_time = ("--set", "generate.cache=false", "--set", "generate.batch_size=1")
-    result = run_distill(*openai_generate_args(fault_proxy.base_url, run_dir, 2, *one_at_a_time))
-    assert result.returncode == 0, result.stderr
-    failures = read_jsonl(run_dir / "failures.jsonl")
-    raws = [f.get("raw") for f in failures]
-    assert "I cannot produce JSON today." in raws
-    assert '{"tasks": [{"instruction": 7}]}' in raws
-    rows = read_jsonl(run_dir / "instructions.jsonl")
-    assert len(rows) == 2 and all(isinstance(r["instruction"], str) and r["instruction"] for r in rows)
-    assert not any("cannot produce JSON" in json.dumps(r) for r in rows)
