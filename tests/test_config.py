@@ -1,4 +1,5 @@
-"""Config loading and its error messages: one line per problem, naming the field and what is allowed."""
+"""Config loading and its error messages: one line per problem, naming the field and what is allowed;
+the example configs validate and name plugins that exist."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import pytest
 
 from distill.config import DistillConfig, TeacherConfig, load_config
 from distill.errors import ConfigError
-from tests.conftest import run_distill
+from tests.conftest import REPO, run_distill
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -107,3 +108,14 @@ def test_cli_bad_config_exits_non_zero_and_writes_nothing(tmp_path: Path) -> Non
     assert result.returncode == 2
     assert "error: teacher.backend: unknown teacher 'nope'; known: " in result.stderr
     assert not run_dir.exists()
+
+
+def test_example_configs_validate_and_resolve_their_plugins() -> None:
+    from distill.plugins import get_judges, get_tasks, get_teachers
+
+    for name in ("quickstart", "gpu", "openai"):
+        config = load_config(REPO / "examples" / f"{name}.yaml")
+        assert config.teacher.backend in get_teachers()
+        assert all(spec.type in get_judges() for spec in config.judge.judges)
+        assert all(spec.type in get_tasks() for spec in config.eval.tasks)
+        assert config.judge.judges and config.eval.tasks and config.run_dir is not None

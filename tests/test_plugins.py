@@ -170,3 +170,22 @@ def test_readme_documents_every_hook() -> None:
     assert hooks == ["register_commands", "register_judges", "register_tasks", "register_teachers"]
     for hook in hooks:
         assert f"### `{hook}" in section, f"README 'Writing a plugin' has no section for {hook}"
+
+
+def test_readme_file_tree_lists_every_tracked_file() -> None:
+    """The README's Files section has a line for every file in the repository (globs and
+    folders ending in / cover several)."""
+    import fnmatch
+
+    block = (REPO / "README.md").read_text().split("## Files", 1)[1].split("```", 2)[1]
+    entries = [line.split()[0] for line in block.strip().splitlines() if line.strip()]
+    listing = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True)
+    if listing.returncode != 0 or not listing.stdout:
+        pytest.skip("not a git checkout")
+    tracked = listing.stdout.split()
+    missing = [
+        path
+        for path in tracked
+        if not any(path.startswith(e) if e.endswith("/") else fnmatch.fnmatch(path, e) for e in entries)
+    ]
+    assert missing == [], "add these to the README's Files section"
