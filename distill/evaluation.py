@@ -87,13 +87,12 @@ def load_tasks(config: DistillConfig) -> list[tuple[str, Task]]:
 def style_prompts(config: DistillConfig, questions: list[tuple[str, Question]]) -> list[dict[str, Any]]:
     """Held-out prompts for the style comparison: the SFT run's held-out instructions, then
     factual questions (never trained on), up to eval.style_items."""
-    from distill.train import SPLIT, load_pairs, sft_output_dir
+    from distill.train import load_pairs, sft_split
 
     wanted = config.eval.style_items
     prompts: list[dict[str, Any]] = []
-    split_file = sft_output_dir(config) / SPLIT if (config.run_dir or config.train.sft.output_dir) else None
-    if split_file is not None and split_file.is_file():
-        split = json.loads(split_file.read_text())
+    split = sft_split(config)
+    if split is not None:
         held_out = set(split["eval"])
         for pair in load_pairs(Path(split["data"])):
             if pair["id"] in held_out and len(prompts) < wanted:

@@ -147,7 +147,7 @@ def lora_config(train: TrainConfig, model: Any) -> Any:
 # Logging, progress and the card ----------------------------------------------------------------
 
 
-def make_callbacks(output_dir: Path, max_steps_hint: int | None, progress: bool) -> list[Any]:
+def make_callbacks(output_dir: Path, progress: bool) -> list[Any]:
     from transformers import TrainerCallback
 
     class MetricsAndProgress(TrainerCallback):
@@ -308,6 +308,14 @@ def sft_output_dir(config: DistillConfig) -> Path:
     return out
 
 
+def sft_split(config: DistillConfig) -> dict[str, Any] | None:
+    """The SFT run's split.json (``data``, ``train`` and ``eval`` ids), or None before SFT ran."""
+    if not (config.train.sft.output_dir or config.run_dir):
+        return None
+    path = sft_output_dir(config) / SPLIT
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 def run_sft(
     config: DistillConfig, resume: bool = False, overwrite: bool = False, progress: bool = True
 ) -> dict[str, Any]:
@@ -356,7 +364,7 @@ def run_sft(
         eval_dataset=eval_dataset,
         processing_class=tokenizer,
         peft_config=peft_config,
-        callbacks=make_callbacks(output_dir, s.max_steps, progress),
+        callbacks=make_callbacks(output_dir, progress),
     )
     quiet(trainer)
     started = time.perf_counter()
@@ -406,9 +414,9 @@ def rl_prompts(config: DistillConfig) -> list[list[dict[str, str]]]:
     if data is None:
         raise ConfigError(["train.sft.data: RL takes its prompts from the SFT data; set it or run_dir"])
     pairs = load_pairs(data)
-    split_file = sft_output_dir(config) / SPLIT if (config.train.sft.output_dir or config.run_dir) else None
-    if split_file is not None and split_file.is_file():
-        train_ids = set(json.loads(split_file.read_text())["train"])
+    split = sft_split(config)
+    if split is not None:
+        train_ids = set(split["train"])
         pairs = [p for p in pairs if p["id"] in train_ids]
     return [p["prompt"] for p in pairs]
 
@@ -495,7 +503,7 @@ def run_rl(
         train_dataset=Dataset.from_list([{"prompt": p} for p in prompts]),
         processing_class=tokenizer,
         peft_config=peft_config,
-        callbacks=make_callbacks(output_dir, r.max_steps, progress),
+        callbacks=make_callbacks(output_dir, progress),
     )
     quiet(trainer)
     started = time.perf_counter()
