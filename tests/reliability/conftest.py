@@ -29,27 +29,23 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
         terminalreporter.write_line(f"{test:<64} {figure:<40} {value}")
 
 
-def mount_tmpfs(where: Path, options: str) -> None:
+def mounted_tmpfs(where: Path, options: str) -> Iterator[Path]:
     where.mkdir(parents=True, exist_ok=True)
     done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(where)], capture_output=True, text=True)
     if done.returncode != 0:
         # CI runs as root; elsewhere a real full or read-only disk needs mount rights.
         pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip()}); run the suite as root")
+    yield where
+    subprocess.run(["umount", "-l", str(where)], check=False)
 
 
 @pytest.fixture()
 def small_disk(tmp_path: Path) -> Iterator[Path]:
     """A 256 KiB tmpfs: a real file system that really fills up (ENOSPC)."""
-    where = tmp_path / "small-disk"
-    mount_tmpfs(where, "size=256k")
-    yield where
-    subprocess.run(["umount", "-l", str(where)], check=False)
+    yield from mounted_tmpfs(tmp_path / "small-disk", "size=256k")
 
 
 @pytest.fixture()
 def read_only_disk(tmp_path: Path) -> Iterator[Path]:
     """An empty read-only tmpfs (EROFS on every write, even for root)."""
-    where = tmp_path / "read-only"
-    mount_tmpfs(where, "size=64k,ro")
-    yield where
-    subprocess.run(["umount", "-l", str(where)], check=False)
+    yield from mounted_tmpfs(tmp_path / "read-only", "size=64k,ro")
