@@ -72,6 +72,20 @@ def load_pairs(path: Path) -> list[dict[str, Any]]:
     return pairs
 
 
+def tokenized_pair(tokenizer: Any, pair: dict[str, Any], max_length: int) -> dict[str, list[int]]:
+    """A pair as TRL tokenizes it (the prompt with its generation prompt; the completion mask from
+    where prompt and prompt + completion part), cut to ``max_length`` tokens."""
+
+    def chat_ids(messages: list[dict[str, str]], **kwargs: Any) -> list[int]:
+        return list(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, **kwargs)["input_ids"])
+
+    prompt_ids = chat_ids(pair["prompt"], add_generation_prompt=True)
+    ids = chat_ids(pair["prompt"] + pair["completion"])
+    shared = next((i for i, (a, b) in enumerate(zip(prompt_ids, ids)) if a != b), min(len(prompt_ids), len(ids)))
+    mask = [0] * shared + [1] * (len(ids) - shared)
+    return {"input_ids": ids[:max_length], "completion_mask": mask[:max_length]}
+
+
 def split_pairs(pairs: list[dict[str, Any]], eval_fraction: float, seed: int) -> tuple[list[Any], list[Any]]:
     """A seeded held-out split: the same data and seed always give the same split."""
     order = list(range(len(pairs)))
@@ -337,9 +351,16 @@ def run_sft(
         split = {"data": str(data), "train": [p["id"] for p in train_pairs], "eval": [p["id"] for p in eval_pairs]}
         write_atomic(output_dir / SPLIT, json.dumps(split))
 
-    columns = ("prompt", "completion")
-    train_dataset = Dataset.from_list([{k: p[k] for k in columns} for p in train_pairs])
-    eval_dataset = Dataset.from_list([{k: p[k] for k in columns} for p in eval_pairs]) if eval_pairs else None
+    max_length: int | None = s.max_length
+    if s.padding_free and not s.packing:
+        # TRL cuts to max_length only when it packs; padding-free batches without packing need
+        # rows that are tokenized and cut already.
+        rows = [tokenized_pair(tokenizer, p, s.max_length) for p in train_pairs + eval_pairs]
+        max_length = None
+    else:
+        rows = [{"prompt": p["prompt"], "completion": p["completion"]} for p in train_pairs + eval_pairs]
+    train_dataset = Dataset.from_list(rows[: len(train_pairs)])
+    eval_dataset = Dataset.from_list(rows[len(train_pairs) :]) if eval_pairs else None
     args = SFTConfig(
         **trainer_arguments(config, output_dir, s.logging_steps, s.save_steps),
         num_train_epochs=s.epochs,
@@ -350,7 +371,7 @@ def run_sft(
         per_device_train_batch_size=s.batch_size,
         per_device_eval_batch_size=s.batch_size,
         gradient_accumulation_steps=s.gradient_accumulation_steps,
-        max_length=s.max_length,
+        max_length=max_length,
         packing=s.packing,
         padding_free=s.padding_free,
         completion_only_loss=s.completion_only_loss,
