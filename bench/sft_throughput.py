@@ -1,7 +1,12 @@
 """SFT throughput: `distill train sft` vs a plain TRL SFTTrainer script with identical settings on
-the same data, plus distill with packing and with padding-free batches. Each run is a fresh
-subprocess (clean peak memory); runs alternate so machine drift hits all of them. Prints
-tokens/s (real, non-padding tokens, as TRL counts them) and peak RSS, and ratios to plain TRL.
+the same data (same model, LoRA, batch, length, steps, learning rate and precision), plus distill
+with packing and with padding-free batches. Each run is a fresh subprocess (clean peak memory);
+runs alternate so machine drift hits all of them. Prints tokens/s (real, non-padding tokens, as
+TRL counts them), peak RSS, and ratios to the plain TRL script.
+
+The plain script is also run once with TRL's own precision default (`bf16=True` unless fp16): on
+a CPU without native bfloat16 that default is what a TRL user gets, and distill's precision
+`auto` (float32 there) is the difference.
 
     python -m bench.sft_throughput [--model smollm2-135m-instruct] [--steps 12] [--repeats 2]
                                    [--batch 8] [--max-length 256]
@@ -45,19 +50,25 @@ def write_data(path: Path, rows: int = 256) -> Path:
     return path
 
 
-def plain_trl(model_name: str, data: Path, out: Path, steps: int, batch: int, max_length: int) -> dict[str, float]:
-    """What a user would write with TRL directly: same model, LoRA, data and SFTConfig."""
+def plain_trl(
+    model_name: str, data: Path, out: Path, steps: int, batch: int, max_length: int, trl_precision: bool
+) -> dict[str, float]:
+    """What a user would write with TRL directly: same model, LoRA, data and SFTConfig; with
+    ``trl_precision`` TRL picks the precision (its default), else the one distill picks."""
     import torch
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
+    from distill.config import TrainConfig
     from distill.models import resolve_model
+    from distill.train import torch_dtype
 
     path = resolve_model(model_name)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    dtype = torch_dtype(TrainConfig().precision)  # what distill's precision auto picks here
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32 if trl_precision else dtype)
     rows = [json.loads(line) for line in data.read_text().splitlines()]
     dataset = Dataset.from_list(
         [
@@ -68,7 +79,9 @@ def plain_trl(model_name: str, data: Path, out: Path, steps: int, batch: int, ma
             for r in rows
         ]
     )
+    precision = {} if trl_precision else {"bf16": dtype == torch.bfloat16}
     args = SFTConfig(
+        **precision,
         output_dir=str(out),
         max_steps=steps,
         per_device_train_batch_size=batch,
@@ -118,8 +131,10 @@ def distill_sft(
 def one(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
-        if args.one == "trl":
-            result = plain_trl(args.model, Path(args.data), out, args.steps, args.batch, args.max_length)
+        if args.one in ("trl", "trl_defaults"):
+            result = plain_trl(
+                args.model, Path(args.data), out, args.steps, args.batch, args.max_length, args.one == "trl_defaults"
+            )
         else:
             result = distill_sft(args.model, Path(args.data), out, args.steps, args.batch, args.max_length, args.one)
     result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -141,10 +156,12 @@ def main() -> None:
         return
     with tempfile.TemporaryDirectory() as tmp:
         data = write_data(Path(tmp) / "data.jsonl")
-        modes = ["trl", "distill", "packing", "padding_free"]
+        modes = ["trl", "distill", "packing", "padding_free", "trl_defaults"]
         runs: dict[str, list[dict[str, float]]] = {mode: [] for mode in modes}
-        for _ in range(args.repeats):
+        for repeat in range(args.repeats):
             for mode in modes:
+                if mode == "trl_defaults" and repeat > 0:
+                    continue  # slow on CPUs without bfloat16, and only a reference: once is enough
                 started = time.perf_counter()
                 output = subprocess.run(
                     [
@@ -178,12 +195,13 @@ def main() -> None:
     base = summary["trl"]["tok_s"]
     print(
         f"\n{args.model}, LoRA r16 all-linear, batch {args.batch}, max_length {args.max_length}, "
-        f"{args.steps} steps, median of {args.repeats}"
+        f"{args.steps} steps, median of {args.repeats} (TRL's bf16 default: 1 run)"
     )
     for mode, row in summary.items():
         row["ratio_vs_trl"] = round(row["tok_s"] / base, 3)
         label = {
             "trl": "plain TRL SFTTrainer",
+            "trl_defaults": "plain TRL, its bf16 default",
             "distill": "distill train sft",
             "packing": "distill, packing",
             "padding_free": "distill, padding-free",

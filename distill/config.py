@@ -233,7 +233,9 @@ class SFTSettings(StrictModel):
         False, description="Pack several rows into each max_length sequence (BFD, no cross-attention)."
     )
     padding_free: bool = Field(
-        False, description="Concatenate the batch without padding (needs packing-aware attention)."
+        False,
+        description="Flatten each batch into one row without padding, sequences told apart by position ids "
+        "(same loss as padded batches, fewer tokens computed).",
     )
     completion_only_loss: bool = Field(True, description="Loss on the assistant's answer only, not on the prompt.")
     eval_fraction: float = Field(0.1, ge=0, lt=1, description="Held-out share of rows for eval loss (0: none).")
