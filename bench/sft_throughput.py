@@ -148,6 +148,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--max-length", type=int, default=256)
+    parser.add_argument(
+        "--modes", default="trl,distill,packing,padding_free,trl_defaults", help="Which runs, comma-separated."
+    )
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -156,7 +159,7 @@ def main() -> None:
         return
     with tempfile.TemporaryDirectory() as tmp:
         data = write_data(Path(tmp) / "data.jsonl")
-        modes = ["trl", "distill", "packing", "padding_free", "trl_defaults"]
+        modes = args.modes.split(",")
         runs: dict[str, list[dict[str, float]]] = {mode: [] for mode in modes}
         for repeat in range(args.repeats):
             for mode in modes:
@@ -191,14 +194,18 @@ def main() -> None:
     summary = {}
     for mode, results in runs.items():
         rate = statistics.median(r["tokens"] / r["seconds"] for r in results)
-        summary[mode] = {"tok_s": round(rate, 1), "peak_rss_mib": round(max(r["peak_rss_mib"] for r in results))}
-    base = summary["trl"]["tok_s"]
+        summary[mode] = {
+            "tok_s": round(rate, 1),
+            "runs_tok_s": [round(r["tokens"] / r["seconds"], 1) for r in results],
+            "peak_rss_mib": round(max(r["peak_rss_mib"] for r in results)),
+        }
+    base = summary["trl"]["tok_s"] if "trl" in summary else None
     print(
         f"\n{args.model}, LoRA r16 all-linear, batch {args.batch}, max_length {args.max_length}, "
         f"{args.steps} steps, median of {args.repeats} (TRL's bf16 default: 1 run)"
     )
     for mode, row in summary.items():
-        row["ratio_vs_trl"] = round(row["tok_s"] / base, 3)
+        row["ratio_vs_trl"] = round(row["tok_s"] / base, 3) if base else None
         label = {
             "trl": "plain TRL SFTTrainer",
             "trl_defaults": "plain TRL, its bf16 default",
@@ -208,7 +215,8 @@ def main() -> None:
         }[mode]
         print(
             f"{label:<24} {row['tok_s']:>8.1f} tok/s   peak RSS {row['peak_rss_mib']:>6} MiB   "
-            f"ratio {row['ratio_vs_trl']:.3f}"
+            + (f"ratio {row['ratio_vs_trl']:.3f}   " if row["ratio_vs_trl"] else "")
+            + f"runs {row['runs_tok_s']}"
         )
     out = Path(__file__).parent / "results"
     out.mkdir(exist_ok=True)
