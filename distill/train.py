@@ -249,27 +249,32 @@ def is_main_process() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
-def prepare_output(output_dir: Path, resume: bool, overwrite: bool) -> str | None:
-    """The checkpoint to resume from (or None). Refuses to silently mix two runs in one directory."""
+def resume_checkpoint(output_dir: Path, resume: bool, overwrite: bool) -> str | None:
+    """The checkpoint to resume from (or None). Refuses to silently mix two runs in one directory
+    and checkpoints whose weights are pickles. Changes nothing: it runs before the model loads."""
     from transformers.trainer_utils import get_last_checkpoint
 
+    if overwrite:
+        return None
     checkpoints = output_dir / CHECKPOINTS
     last = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
-    if overwrite:
-        if is_main_process():
-            shutil.rmtree(output_dir, ignore_errors=True)
-        last = None
-    elif last is not None and not resume:
+    if last is not None and not resume:
         raise DistillError(
             f"{output_dir} has checkpoints of an earlier run ({Path(last).name}): "
             "pass --resume to continue it or --overwrite to start over"
         )
-    elif (output_dir / "adapter_model.safetensors").exists() and not resume:
+    if (output_dir / "adapter_model.safetensors").exists() and not resume:
         raise DistillError(f"{output_dir} already holds a trained adapter: pass --overwrite to train again")
     if last is not None:
         require_safetensors(Path(last), "checkpoint")
-    output_dir.mkdir(parents=True, exist_ok=True)
     return last
+
+
+def prepare_output(output_dir: Path, overwrite: bool) -> None:
+    """Empty the output dir for --overwrite and create it, once every check has passed."""
+    if overwrite and is_main_process():
+        shutil.rmtree(output_dir, ignore_errors=True)
+    output_dir.mkdir(parents=True, exist_ok=True)
 
 
 def trainer_arguments(config: DistillConfig, output_dir: Path, logging_steps: int, save_steps: int) -> dict[str, Any]:
@@ -344,9 +349,10 @@ def run_sft(
     output_dir = sft_output_dir(config)
     pairs = load_pairs(data)  # every data problem surfaces before the model loads
     train_pairs, eval_pairs = split_pairs(pairs, s.eval_fraction, train.seed)
-    checkpoint = prepare_output(output_dir, resume, overwrite)  # before the slow model load
+    checkpoint = resume_checkpoint(output_dir, resume, overwrite)  # before the slow model load
     model, tokenizer, base_path = load_student(train)
     peft_config = lora_config(train, model)
+    prepare_output(output_dir, overwrite)
     if is_main_process():
         split = {"data": str(data), "train": [p["id"] for p in train_pairs], "eval": [p["id"] for p in eval_pairs]}
         write_atomic(output_dir / SPLIT, json.dumps(split))
@@ -493,9 +499,10 @@ def run_rl(
     rewards, weights = reward_functions(config, teacher=judge_teacher)
     prompts = rl_prompts(config)
     start_adapter = sft_output_dir(config) if r.start_from == "sft" else None
-    checkpoint = prepare_output(output_dir, resume, overwrite)  # before the slow model load
+    checkpoint = resume_checkpoint(output_dir, resume, overwrite)  # before the slow model load
     model, tokenizer, base_path = load_student(train, adapter=start_adapter, trainable=True)
     peft_config = None if start_adapter is not None else lora_config(train, model)
+    prepare_output(output_dir, overwrite)
 
     common = {
         **trainer_arguments(config, output_dir, r.logging_steps, r.save_steps),

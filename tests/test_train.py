@@ -164,17 +164,19 @@ def test_merged_export_matches_base_plus_adapter_and_serves_in_vllm(
 
 
 def test_an_output_dir_with_checkpoints_needs_resume_or_overwrite(tmp_path: Path) -> None:
-    """(SIGKILL and --resume for real: tests/test_pipeline.py kills distill run mid-SFT.)"""
+    """(SIGKILL and --resume for real: tests/reliability/test_run.py kills distill run mid-SFT.)"""
     from distill.errors import DistillError
-    from distill.train import prepare_output
+    from distill.train import prepare_output, resume_checkpoint
 
     checkpoint = tmp_path / "sft" / "checkpoints" / "checkpoint-2"
     checkpoint.mkdir(parents=True)
     (checkpoint / "trainer_state.json").write_text("{}")
     with pytest.raises(DistillError, match=r"checkpoints of an earlier run \(checkpoint-2\): pass --resume"):
-        prepare_output(tmp_path / "sft", resume=False, overwrite=False)
-    assert prepare_output(tmp_path / "sft", resume=True, overwrite=False) == str(checkpoint)
-    assert prepare_output(tmp_path / "sft", resume=False, overwrite=True) is None
+        resume_checkpoint(tmp_path / "sft", resume=False, overwrite=False)
+    assert resume_checkpoint(tmp_path / "sft", resume=True, overwrite=False) == str(checkpoint)
+    assert resume_checkpoint(tmp_path / "sft", resume=False, overwrite=True) is None
+    assert checkpoint.exists()  # nothing is deleted before every check has passed
+    prepare_output(tmp_path / "sft", overwrite=True)
     assert not checkpoint.exists()
 
 

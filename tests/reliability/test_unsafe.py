@@ -15,7 +15,7 @@ import pytest
 from distill.config import TeacherConfig
 from distill.errors import ModelError
 from distill.teacher import load_teacher
-from distill.train import prepare_output
+from distill.train import resume_checkpoint
 from tests.conftest import TEACHER_MODEL, run_distill
 
 pytestmark = pytest.mark.slow
@@ -97,7 +97,7 @@ def test_pickled_weights_adapters_and_checkpoints_are_refused(
         with pytest.raises(ModelError, match="pickle files"):
             load_teacher(config)
     with pytest.raises(ModelError, match="pickle files"):
-        prepare_output(run_dir / "sft", resume=True, overwrite=False)  # the checkpoint to resume
+        resume_checkpoint(run_dir / "sft", resume=True, overwrite=False)  # the checkpoint to resume
     assert not sentinel.exists()  # no pickle was ever opened
     assert not (tmp_path / "merged").exists()
     measure("pickle artifacts loaded (of 6 tried)", int(sentinel.exists()))
