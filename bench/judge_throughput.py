@@ -58,7 +58,8 @@ def main() -> None:
     from vllm.sampling_params import StructuredOutputsParams
 
     from distill.config import JudgeSpec, TeacherConfig
-    from distill.judge import load_judge, summarize
+    from distill.judge import load_judge
+    from distill.judging import summarize
     from distill.records import JudgeItem
     from distill.teacher import load_teacher
 

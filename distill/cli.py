@@ -65,6 +65,11 @@ def storage_error(exc: BaseException) -> OSError | None:
     return None
 
 
+def cli_overrides(flags: dict[str, Any], no_cache: bool = False) -> list[str]:
+    """Command-line flags as ``--set`` overrides (flags left unset are skipped)."""
+    return [*(f"{key}={value}" for key, value in flags.items() if value is not None), *(NO_CACHE if no_cache else ())]
+
+
 config_option = click.option(
     "-c",
     "--config",
@@ -73,6 +78,13 @@ config_option = click.option(
     default=None,
     help="YAML config file (see examples/).",
 )
+no_cache_option = click.option(
+    "--no-cache",
+    is_flag=True,
+    help="Ask the teacher again instead of reusing answers from the request cache "
+    "(sets generate.cache, judge.cache and eval.cache to false; the run's own answer log still resumes).",
+)
+NO_CACHE = ("generate.cache=false", "judge.cache=false", "eval.cache=false")
 set_option = click.option(
     "--set",
     "overrides",
@@ -147,7 +159,7 @@ def ask(
         "teacher.system_prompt": system_prompt,
         "run_dir": run_dir,
     }
-    config = load_config(config_path, [*overrides, *(f"{k}={v}" for k, v in flags.items() if v is not None)])
+    config = load_config(config_path, [*overrides, *cli_overrides(flags)])
     questions = list(prompts) or config.ask.prompts
     if not questions:
         raise DistillError("nothing to ask: give prompts as arguments or list them in ask.prompts")
@@ -195,6 +207,7 @@ def _save_answers(run_dir: Path, config: dict[str, Any], requests: list[Any], re
 @click.option("--target", type=int, help="Number of tasks to keep.")
 @click.option("--run-dir", type=click.Path(path_type=Path), help="Where the run's files go (resumes if present).")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
+@no_cache_option
 @handle_errors
 def generate(
     config_path: Path | None,
@@ -204,6 +217,7 @@ def generate(
     target: int | None,
     run_dir: Path | None,
     no_progress: bool,
+    no_cache: bool,
 ) -> None:
     """Generate Alpaca-style instruction data by self-instruct from the teacher.
 
@@ -216,12 +230,14 @@ def generate(
     """
     from distill.config import load_config
     from distill.generate import run_generate
-    from distill.progress import GenerateProgress, print_generate_summary
+    from distill.progress import StageProgress, generate_detail, print_generate_summary
 
     flags = {"teacher.backend": backend, "teacher.model": model, "generate.target": target, "run_dir": run_dir}
-    config = load_config(config_path, [*overrides, *(f"{k}={v}" for k, v in flags.items() if v is not None)])
-    with GenerateProgress(config.generate.target, enabled=not no_progress) as progress:
-        summary = run_generate(config, progress=progress.update)
+    config = load_config(config_path, [*overrides, *cli_overrides(flags, no_cache)])
+    with StageProgress("generate", config.generate.target, "kept", enabled=not no_progress) as bar:
+        summary = run_generate(
+            config, progress=lambda state, seconds: bar.update(len(state.kept), generate_detail(state, seconds))
+        )
     print_generate_summary(summary, config.run_dir)
 
 
@@ -242,6 +258,8 @@ def generate(
 @click.option("--limit", type=int, help="Judge only the first N rows.")
 @click.option("--robustness", is_flag=True, help="Also attack each judge and report attack success rates.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+@no_cache_option
 @handle_errors
 def judge(
     dataset: Path,
@@ -255,6 +273,8 @@ def judge(
     limit: int | None,
     robustness: bool,
     as_json: bool,
+    no_progress: bool,
+    no_cache: bool,
 ) -> None:
     """Score DATASET with judges and write judgements.jsonl and judge_summary.json.
 
@@ -267,7 +287,9 @@ def judge(
     distill judge pairs.jsonl --rubric helpfulness --type pairwise   # needs a response_b column
     """
     from distill.config import load_config
-    from distill.judge import judge_answer_source, load_judge, read_items, robustness_report, run_judge
+    from distill.judging import run_judge, run_robustness
+    from distill.paths import RunLayout
+    from distill.progress import StageProgress
 
     flags: dict[str, Any] = {"run_dir": run_dir}
     if backend is not None or model is not None:
@@ -275,22 +297,14 @@ def judge(
         flags["judge.teacher.model"] = model
     if rubrics:
         flags["judge.judges"] = json.dumps([{"type": judge_type, "rubric": rubric} for rubric in rubrics])
-    config = load_config(config_path, [*overrides, *(f"{k}={v}" for k, v in flags.items() if v is not None)])
+    config = load_config(config_path, [*overrides, *cli_overrides(flags, no_cache)])
+    out_dir = RunLayout.of(config).root  # a judge run's own directory
     if limit is not None:
-        dataset = _first_rows(dataset, limit, config)
-    summary = run_judge(config, dataset)
+        dataset = _first_rows(dataset, limit, out_dir)
+    with StageProgress("judge", None, "verdicts", enabled=not no_progress and not as_json) as bar:
+        summary = run_judge(config, dataset, out_dir, progress=lambda done, total: bar.update(done, total=total))
     if robustness:
-        assert config.run_dir is not None
-        answers = judge_answer_source(config, config.run_dir)
-        try:
-            judges = [load_judge(spec, answers) for spec in config.judge.judges]
-            items = read_items(dataset, config, pairwise=False)
-            summary["robustness"] = [robustness_report(j, items) for j in judges if not j.pairwise]
-        finally:
-            answers.close()
-        from distill.runstore import write_atomic
-
-        write_atomic(config.run_dir / "robustness.json", json.dumps(summary["robustness"], indent=2))
+        summary["robustness"] = run_robustness(config, dataset, out_dir)
     if as_json:
         click.echo(json.dumps(summary, indent=2))
         return
@@ -312,17 +326,15 @@ def judge(
             click.echo(
                 f"  {name:<18} {rate:>5}  ({attack['successes']}/{attack['eligible']}, {attack['invalid']} invalid)"
             )
-    click.echo(f"judgements: {config.run_dir / 'judgements.jsonl'}")
+    click.echo(f"judgements: {out_dir / 'judgements.jsonl'}")
 
 
-def _first_rows(dataset: Path, limit: int, config: Any) -> Path:
+def _first_rows(dataset: Path, limit: int, out_dir: Path) -> Path:
     """The first ``limit`` rows of DATASET as a JSONL file in the run dir (so reruns see the same rows)."""
     from distill.runstore import read_rows, write_atomic
 
-    if config.run_dir is None:
-        raise DistillError("--limit needs a run dir: set run_dir or pass --run-dir")
-    config.run_dir.mkdir(parents=True, exist_ok=True)
-    subset = config.run_dir / "judged_rows.jsonl"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    subset = out_dir / "judged_rows.jsonl"
     rows = read_rows(dataset)[:limit]
     write_atomic(subset, "".join(json.dumps(row, ensure_ascii=False, default=str) + "\n" for row in rows))
     return subset
@@ -342,6 +354,7 @@ train_options = [
     click.option("--resume", is_flag=True, help="Continue from the last checkpoint in the output dir."),
     click.option("--overwrite", is_flag=True, help="Delete an earlier run in the output dir and start over."),
     click.option("--no-progress", is_flag=True, help="No progress bar."),
+    no_cache_option,
 ]
 
 
@@ -358,11 +371,12 @@ def _train_config(
     student: str | None,
     run_dir: Path | None,
     max_steps: int | None,
+    no_cache: bool,
 ) -> Any:
     from distill.config import load_config
 
     flags = {"train.student": student, "run_dir": run_dir, f"train.{stage}.max_steps": max_steps}
-    return load_config(config_path, [*overrides, *(f"{k}={v}" for k, v in flags.items() if v is not None)])
+    return load_config(config_path, [*overrides, *cli_overrides(flags, no_cache)])
 
 
 @train.command("sft")
@@ -377,6 +391,7 @@ def train_sft(
     resume: bool,
     overwrite: bool,
     no_progress: bool,
+    no_cache: bool,
 ) -> None:
     """LoRA SFT of the student on a generate run (or any Alpaca JSON / JSONL / HF dataset).
 
@@ -390,7 +405,7 @@ def train_sft(
     """
     from distill.train import run_sft
 
-    config = _train_config("sft", config_path, overrides, student, run_dir, max_steps)
+    config = _train_config("sft", config_path, overrides, student, run_dir, max_steps, no_cache)
     summary = run_sft(config, resume=resume, overwrite=overwrite, progress=not no_progress)
     click.echo(json.dumps(summary, indent=2))
 
@@ -407,6 +422,7 @@ def train_rl(
     resume: bool,
     overwrite: bool,
     no_progress: bool,
+    no_cache: bool,
 ) -> None:
     """RL (GRPO by default, or RLOO) of the student against the judges' rewards (judge.judges).
 
@@ -419,7 +435,7 @@ def train_rl(
     """
     from distill.train import run_rl
 
-    config = _train_config("rl", config_path, overrides, student, run_dir, max_steps)
+    config = _train_config("rl", config_path, overrides, student, run_dir, max_steps, no_cache)
     summary = run_rl(config, resume=resume, overwrite=overwrite, progress=not no_progress)
     click.echo(json.dumps(summary, indent=2))
 
@@ -492,6 +508,8 @@ def push(path: Path, repo_id: str, private: bool, dry_run: bool, staging: Path |
 @click.option("--task", "task_types", multiple=True, help="Task to evaluate (repeatable); replaces eval.tasks.")
 @click.option("--limit", type=int, help="Questions per task (a seeded sample).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+@no_cache_option
 @handle_errors
 def evaluate(
     config_path: Path | None,
@@ -500,6 +518,8 @@ def evaluate(
     task_types: tuple[str, ...],
     limit: int | None,
     as_json: bool,
+    no_progress: bool,
+    no_cache: bool,
 ) -> None:
     """Answer held-out factual questions with every model (base student, tuned students,
     teacher), score them with bootstrap intervals, and measure judge preference vs the teacher.
@@ -509,17 +529,20 @@ def evaluate(
     distill eval -c my.yaml --task countries --task mmlu --set 'eval.tasks.1.options.path=data/mmlu.jsonl'
     """
     from distill.config import load_config
-    from distill.evaluation import eval_dir, run_eval
+    from distill.evaluation import run_eval
+    from distill.paths import RunLayout
+    from distill.progress import StageProgress
 
     flags: dict[str, Any] = {"run_dir": run_dir}
     if task_types:
         tasks = [{"type": t, "options": {"limit": limit} if limit else {}} for t in task_types]
         flags["eval.tasks"] = json.dumps(tasks)
-    config = load_config(config_path, [*overrides, *(f"{k}={v}" for k, v in flags.items() if v is not None)])
+    config = load_config(config_path, [*overrides, *cli_overrides(flags, no_cache)])
     if limit and not task_types:
         for spec in config.eval.tasks:
             spec.options["limit"] = limit
-    summary = run_eval(config)
+    with StageProgress("eval", None, "answers", enabled=not no_progress and not as_json) as bar:
+        summary = run_eval(config, progress=lambda done, total: bar.update(done, total=total))
     if as_json:
         click.echo(json.dumps(summary, indent=2))
         return
@@ -530,7 +553,7 @@ def evaluate(
     for model, entry in summary["style"].items():
         preference = "n/a" if entry["preference"] is None else f"{entry['preference']:.1%}"
         click.echo(f"style        {model:<10} judge preference vs teacher {preference} ({entry['items']} items)")
-    click.echo(f"outputs: {eval_dir(config)}")
+    click.echo(f"outputs: {RunLayout.of(config).eval}")
 
 
 @cli.command()
@@ -545,11 +568,11 @@ def report(config_path: Path | None, overrides: tuple[str, ...], run_dir: Path |
     distill report -c examples/quickstart.yaml
     """
     from distill.config import load_config
-    from distill.report import build_report, write_report
+    from distill.report import write_report
 
-    config = load_config(config_path, [*overrides, *([f"run_dir={run_dir}"] if run_dir else [])])
+    config = load_config(config_path, [*overrides, *cli_overrides({"run_dir": run_dir})])
     paths = write_report(config)
-    for line in build_report(config)["verdict"]:
+    for line in json.loads(paths["json"].read_text())["verdict"]:
         click.echo(line)
     for kind, path in paths.items():
         click.echo(f"{kind}: {path}")
@@ -560,8 +583,11 @@ def report(config_path: Path | None, overrides: tuple[str, ...], run_dir: Path |
 @set_option
 @click.option("--run-dir", type=click.Path(path_type=Path), help="Run directory (resumes if present).")
 @click.option("--stages", help="Comma-separated subset of generate,judge,sft,rl,eval,report.")
+@no_cache_option
 @handle_errors
-def run(config_path: Path | None, overrides: tuple[str, ...], run_dir: Path | None, stages: str | None) -> None:
+def run(
+    config_path: Path | None, overrides: tuple[str, ...], run_dir: Path | None, stages: str | None, no_cache: bool
+) -> None:
     """Generate → judge → sft → rl → eval → report in one command, resumable stage by stage.
 
     Finished stages are skipped on a rerun; an interrupted stage resumes with its own resume
@@ -573,13 +599,11 @@ def run(config_path: Path | None, overrides: tuple[str, ...], run_dir: Path | No
     from distill.config import load_config
     from distill.pipeline import STAGES, run_pipeline
 
-    config = load_config(config_path, [*overrides, *([f"run_dir={run_dir}"] if run_dir else [])])
+    config = load_config(config_path, [*overrides, *cli_overrides({"run_dir": run_dir}, no_cache)])
     chosen = tuple(s.strip() for s in stages.split(",")) if stages else STAGES
     results = run_pipeline(config, chosen, echo=lambda line: click.echo(line, err=True))
     if "report" in results:
-        from distill.report import build_report
-
-        for line in build_report(config)["verdict"]:
+        for line in json.loads(Path(results["report"]["json"]).read_text())["verdict"]:
             click.echo(line)
         click.echo(f"report: {results['report']['html']}")
 
@@ -599,9 +623,60 @@ def plugins(as_json: bool) -> None:
         origin = "built-in" if entry["builtin"] else entry.get("package", "installed")
         click.echo(f"{entry['name']} ({origin})")
         for kind in ("teachers", "judges", "tasks"):
-            if entry.get(kind):
-                click.echo(f"  {kind}: {', '.join(entry[kind])}")
+            for name in entry.get(kind, []):
+                click.echo(f"  {kind[:-1]} {name}: {entry['about'][kind][name]}")
         click.echo(f"  hooks: {', '.join(entry['hooks'])}")
+
+
+@cli.group()
+def cache() -> None:
+    """The request cache: answers shared by all runs on this machine ($DISTILL_HOME/cache)."""
+
+
+@cache.command("info")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@handle_errors
+def cache_info(as_json: bool) -> None:
+    """Show where the cache is and how many answers it holds per teacher backend and model."""
+    from distill.answers import RequestCache
+
+    store = RequestCache()
+    try:
+        entries = store.entries()
+    finally:
+        store.close()
+    if as_json:
+        click.echo(json.dumps({"path": str(store.path), "entries": entries}, indent=2))
+        return
+    click.echo(f"{store.path}")
+    for entry in entries:
+        click.echo(
+            f"  {entry['backend']:<14} {entry['model']:<32} {entry['answers']:>7} answers  "
+            f"{entry['bytes'] / 1e6:8.2f} MB  {entry['oldest'][:10]} … {entry['newest'][:10]}"
+        )
+    if not entries:
+        click.echo("  (empty)")
+
+
+@cache.command("clear")
+@click.option("--backend", help="Only the answers of this teacher backend.")
+@click.option("--model", help="Only the answers of this model.")
+@click.option("--yes", is_flag=True, help="Don't ask for confirmation.")
+@handle_errors
+def cache_clear(backend: str | None, model: str | None, yes: bool) -> None:
+    """Delete cached answers (all, or one backend's / model's). Runs keep their own answer logs,
+    so a rerun of a run still resumes; only identical requests in new runs are asked again."""
+    from distill.answers import RequestCache
+
+    what = " and ".join(f"{k} {v}" for k, v in (("backend", backend), ("model", model)) if v) or "all answers"
+    if not yes:
+        click.confirm(f"delete {what} from the request cache?", abort=True)
+    store = RequestCache()
+    try:
+        deleted = store.clear(backend, model)
+    finally:
+        store.close()
+    click.echo(f"deleted {deleted} cached answers ({what})")
 
 
 @cli.group()
@@ -648,9 +723,9 @@ def models_prepare(aliases: tuple[str, ...], force: bool) -> None:
 def _register_plugin_commands() -> DistillError | None:
     """Let plugins add commands; a broken plugin setup is reported when the CLI runs, not at import."""
     try:
-        from distill.plugins import pm
+        from distill.plugins import load_plugins
 
-        pm.hook.register_commands(cli=cli)
+        load_plugins().hook.register_commands(cli=cli)
     except DistillError as exc:
         return exc
     return None

@@ -7,20 +7,14 @@ against the options model of the chosen teacher plugin, so plugins get the same 
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from distill.errors import ConfigError
+from distill.errors import ConfigError, format_validation_error
 from distill.records import ChatRequest, Message
-
-
-def distill_home() -> Path:
-    """Where prepared models and caches live: ``$DISTILL_HOME``, default ``~/.cache/distill``."""
-    return Path(os.environ.get("DISTILL_HOME") or Path.home() / ".cache" / "distill").expanduser()
 
 
 class StrictModel(BaseModel):
@@ -110,21 +104,6 @@ class FilterConfig(StrictModel):
     reject_truncated: bool = Field(True, description="Reject tasks from replies cut off by max_tokens.")
 
 
-class Price(StrictModel):
-    input_per_million: float = Field(ge=0, description="USD per million prompt tokens.")
-    output_per_million: float = Field(ge=0, description="USD per million completion tokens.")
-
-
-# USD per million tokens, from OpenAI's public price list (2025); override in generate.prices.
-DEFAULT_PRICES = {
-    "gpt-4o": Price(input_per_million=2.5, output_per_million=10.0),
-    "gpt-4o-mini": Price(input_per_million=0.15, output_per_million=0.6),
-    "gpt-4.1": Price(input_per_million=2.0, output_per_million=8.0),
-    "gpt-4.1-mini": Price(input_per_million=0.4, output_per_million=1.6),
-    "gpt-4.1-nano": Price(input_per_million=0.1, output_per_million=0.4),
-}
-
-
 class GenerateConfig(StrictModel):
     """`distill generate`: self-instruct data from the teacher."""
 
@@ -153,9 +132,6 @@ class GenerateConfig(StrictModel):
     seed: int = Field(0, description="Seed of the example sampling: same seed and settings, same requests.")
     cache: bool = Field(True, description="Reuse answers to identical requests from $DISTILL_HOME/cache.")
     filters: FilterConfig = Field(default_factory=FilterConfig, description="What is kept.")
-    prices: dict[str, Price] = Field(
-        default_factory=lambda: dict(DEFAULT_PRICES), description="Cost table for openai models (USD per 1M tokens)."
-    )
     judge: str | None = Field(
         None,
         description="Keep only tasks this judge rewards >= min_reward: a label from judge.judges, "
@@ -178,11 +154,17 @@ class JudgeSpec(StrictModel):
         None,
         description="Rubric name under prompts/rubrics/ (helpfulness, harmlessness, honesty, format) or a .yaml path.",
     )
-    label: str | None = Field(None, description="Name in outputs and logs; default 'type:rubric'.")
+    label: str = Field("", description="Name in outputs and logs; empty: 'type:rubric' (or 'type').")
     weight: float = Field(1.0, description="Weight of this judge's reward when rewards are combined (RL).")
     options: dict[str, Any] = Field(
         default_factory=dict, description="Judge-specific options, validated by the judge's options model."
     )
+
+    @model_validator(mode="after")
+    def _default_label(self) -> JudgeSpec:
+        if not self.label:
+            self.label = f"{self.type}:{Path(self.rubric).stem}" if self.rubric else self.type
+        return self
 
 
 class JudgeConfig(StrictModel):
@@ -320,6 +302,7 @@ class EvalConfig(StrictModel):
     max_tokens: int = Field(32, ge=1, description="Answer budget per question (answers are cut at the first line).")
     batch_size: int = Field(32, ge=1, description="Questions sent together; answers are saved per batch.")
     bootstrap: int = Field(1000, ge=100, description="Bootstrap resamples for confidence intervals.")
+    cache: bool = Field(True, description="Reuse answers to identical questions from $DISTILL_HOME/cache.")
     style_rubric: str | None = Field(
         "helpfulness",
         description="Rubric of the pairwise style judge (student vs teacher); empty: no style measurement.",
@@ -363,12 +346,7 @@ def load_config(path: Path | None = None, overrides: list[str] | tuple[str, ...]
         problems = format_validation_error(exc, DistillConfig)
     else:
         problems = []
-    teacher = data.get("teacher")
-    if isinstance(teacher, dict):
-        problems += plugin_problems(teacher)
-    judge = data.get("judge")
-    if isinstance(judge, dict) and isinstance(judge.get("teacher"), dict):
-        problems += [f"judge.{line}" for line in plugin_problems(judge["teacher"])]
+    problems += plugin_problems(data)
     if not problems:
         problems += judge_problems(config)
     if problems:
@@ -414,111 +392,56 @@ def apply_override(data: dict[str, Any], override: str) -> str | None:
     return None
 
 
-def plugin_problems(teacher: dict[str, Any]) -> list[str]:
-    """Problems with the teacher plugin name and its options (raw config data, so they are
-    reported together with any other problem)."""
-    from distill.plugins import get_teachers
+def plugin_problems(data: dict[str, Any]) -> list[str]:
+    """Problems with plugin names and their options in raw config data (teachers, judges, tasks),
+    checked the same way for each kind, so they are reported together with every other problem."""
+    from distill.plugins import get_judges, get_tasks, get_teachers
 
-    teachers = get_teachers()
-    backend = teacher.get("backend", TeacherConfig.model_fields["backend"].default)
-    if not isinstance(backend, str):
-        return []  # the type error is already reported
-    if backend not in teachers:
-        return [f"teacher.backend: {teachers.unknown(backend)}"]
-    options = teacher.get("options") or {}
-    if not isinstance(options, dict):
-        return []
-    options_model = teachers[backend].options_model
-    try:
-        options_model.model_validate(options)
-    except ValidationError as exc:
-        return format_validation_error(exc, options_model, prefix="teacher.options")
-    return []
+    def section(*keys: str) -> Any:
+        node: Any = data
+        for key in keys:
+            node = node.get(key) if isinstance(node, dict) else None
+        return node
+
+    problems = []
+    teacher_default = TeacherConfig.model_fields["backend"].default
+    for prefix, teacher in (("teacher", section("teacher")), ("judge.teacher", section("judge", "teacher"))):
+        if isinstance(teacher, dict):
+            backend = teacher.get("backend", teacher_default)
+            problems += get_teachers().problems(
+                backend, teacher.get("options"), f"{prefix}.backend", f"{prefix}.options"
+            )
+    for field, registry, spec_model in (
+        ("judge.judges", get_judges(), JudgeSpec),
+        ("eval.tasks", get_tasks(), EvalTaskSpec),
+    ):
+        default = spec_model.model_fields["type"].default
+        specs = section(*field.split("."))
+        for number, spec in enumerate(specs if isinstance(specs, list) else []):
+            if isinstance(spec, dict):
+                where = f"{field}.{number}"
+                kind = spec.get("type", default)
+                problems += registry.problems(kind, spec.get("options"), f"{where}.type", f"{where}.options")
+    return problems
 
 
 def judge_problems(config: DistillConfig) -> list[str]:
-    """Problems with judge plugin names, their options and rubrics, and generate.judge."""
-    from distill.judge import judge_spec_problems, spec_label
+    """Problems each judge class finds with its spec (a missing or broken rubric), repeated labels
+    and an unknown generate.judge."""
+    from distill.plugins import get_judges
 
+    judges = get_judges()
     problems = []
     for number, spec in enumerate(config.judge.judges):
-        problems += judge_spec_problems(spec, f"judge.judges.{number}")
-    labels = [spec_label(spec) for spec in config.judge.judges]
+        problems += judges[spec.type].spec_problems(spec, f"judge.judges.{number}")
+    labels = [spec.label for spec in config.judge.judges]
     repeated = sorted({label for label in labels if labels.count(label) > 1})
     if repeated:
         problems.append(f"judge.judges: labels must be unique, repeated: {', '.join(repeated)}; set label")
     wanted = config.generate.judge
     if wanted is not None and wanted not in labels:
-        problems += judge_spec_problems(JudgeSpec(type="rubric", rubric=wanted), "generate.judge")
+        problems += judges["rubric"].spec_problems(JudgeSpec(type="rubric", rubric=wanted), "generate.judge")
     return problems
-
-
-# Error messages --------------------------------------------------------------------------------
-
-_TYPE_NAMES = {
-    "int": "an integer",
-    "float": "a number",
-    "bool": "true or false",
-    "string": "a string",
-    "list": "a list",
-    "dict": "a mapping",
-    "model": "a mapping",
-}
-
-
-def format_validation_error(exc: ValidationError, model: type[BaseModel], prefix: str = "") -> list[str]:
-    """Turn a pydantic error into one line per problem: ``path: what is allowed, got VALUE``."""
-    lines = []
-    for error in exc.errors():
-        loc = [str(part) for part in error["loc"]]
-        path = ".".join([prefix, *loc] if prefix else loc) or "(top level)"
-        lines.append(f"{path}: {_describe(error, model)}")
-    return lines
-
-
-def _describe(error: Any, model: type[BaseModel]) -> str:
-    kind: str = error["type"]
-    ctx = error.get("ctx") or {}
-    got = error.get("input")
-    if kind == "extra_forbidden":
-        allowed = _fields_at(model, error["loc"][:-1])
-        hint = f"unknown field; allowed: {', '.join(allowed)}" if allowed else "unknown field"
-        if str(error["loc"][-1]).lower() in {"api_key", "key", "token", "secret"}:
-            hint += "; never put secrets in a config: name an environment variable instead (api_key_env)"
-        return hint
-    if kind == "missing":
-        return "required, but missing"
-    bounds = {"less_than_equal": "<=", "less_than": "<", "greater_than_equal": ">=", "greater_than": ">"}
-    if kind in bounds:
-        bound = next(iter(ctx.values()))
-        return f"must be {bounds[kind]} {_show(bound)}, got {_show(got)}"
-    if kind in {"too_short", "too_long"}:
-        return f"{error['msg'].lower()}, got {_show(got)}"
-    if kind == "literal_error":
-        return f"must be one of {ctx.get('expected')}, got {_show(got)}"
-    for type_name, words in _TYPE_NAMES.items():
-        if kind.startswith(type_name + "_") or kind == f"{type_name}_type":
-            return f"must be {words}, got {_show(got)}"
-    return f"{error['msg']}, got {_show(got)}"
-
-
-def _show(value: Any) -> str:
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)
-    text = repr(value) if isinstance(value, str) else str(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-def _fields_at(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
-    """Field names of the (sub)model at ``loc``, for 'allowed:' hints."""
-    current: Any = model
-    for part in loc:
-        field = getattr(current, "model_fields", {}).get(part)
-        if field is None:
-            return []
-        current = field.annotation
-    fields = getattr(current, "model_fields", None)
-    return sorted(fields) if fields else []
 
 
 def config_dump(config: DistillConfig) -> dict[str, Any]:

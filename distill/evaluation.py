@@ -1,41 +1,37 @@
 """`distill eval`: every model (base student, tuned students, teacher) answers the held-out
 factual questions, greedily, through a teacher backend; answers are scored per task with bootstrap
 intervals. Style: the pairwise judge compares each student's answers with the teacher's (both
-orders) on held-out prompts → win / tie / loss. Answers and verdicts are logged and cached, so a
-rerun resumes and an identical rerun is free.
+orders) on held-out prompts → win / tie / loss. For factual questions the judged answer *is* the
+scored answer (same prompt, same text), so "preferred by the judge although wrong" compares like
+with like. Answers and verdicts are logged and cached, so a rerun resumes and an identical rerun is
+free.
 """
 
 from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from distill.answers import AnswerSource
 from distill.config import DistillConfig, EvalModel, JudgeSpec, TeacherConfig, config_dump
 from distill.errors import ConfigError
+from distill.paths import RunLayout
 from distill.records import JudgeItem
-from distill.runstore import AnswerSource, JsonlLog, write_atomic, write_manifest
-from distill.tasks import Question, Task, bootstrap_interval, task_options_problems
+from distill.runstore import JsonlLog, unmark_finished, write_atomic, write_manifest
+from distill.tasks import Question, Task, bootstrap_interval
 
 PREDICTIONS = "predictions.jsonl"
 STYLE = "style.jsonl"
 SUMMARY = "eval_summary.json"
 
 
-def eval_dir(config: DistillConfig) -> Path:
-    out = config.eval.output_dir or (config.run_dir / "eval" if config.run_dir else None)
-    if out is None:
-        raise ConfigError(["eval.output_dir: required (or set run_dir)"])
-    return out
-
-
 def eval_models(config: DistillConfig) -> list[EvalModel]:
     """The configured models, or: base student, its SFT and RL adapters (when trained), the teacher."""
     if config.eval.models:
         return config.eval.models
-    from distill.train import sft_output_dir
-
     student = config.train.student
     base_options = {"batch_size": config.eval.batch_size}
     models = [
@@ -43,9 +39,9 @@ def eval_models(config: DistillConfig) -> list[EvalModel]:
             name="base", role="base", teacher=TeacherConfig(backend="transformers", model=student, options=base_options)
         )
     ]
-    adapters = {"sft": sft_output_dir(config) if config.run_dir or config.train.sft.output_dir else None}
-    adapters["rl"] = config.train.rl.output_dir or (config.run_dir / "rl" if config.run_dir else None)
-    for name, adapter in adapters.items():
+    layout = RunLayout.of(config)
+    for name in ("sft", "rl"):
+        adapter = layout.adapter(name)
         if adapter is not None and (adapter / "adapter_model.safetensors").is_file():
             options = {"adapter": str(adapter), "batch_size": config.eval.batch_size}
             models.append(
@@ -60,23 +56,20 @@ def eval_models(config: DistillConfig) -> list[EvalModel]:
 
 
 def load_tasks(config: DistillConfig) -> list[tuple[str, Task]]:
+    """The configured tasks, built by their plugins (names made unique: countries, countries_1...)."""
     from distill.plugins import get_tasks
 
     tasks, problems, names = [], [], []
     registry = get_tasks()
     for number, spec in enumerate(config.eval.tasks):
         where = f"eval.tasks.{number}"
-        if spec.type not in registry:
-            problems.append(f"{where}.type: {registry.unknown(spec.type)}")
-            continue
-        task_class = registry[spec.type]
-        found = task_options_problems(task_class, spec.options, where)
+        found = registry.problems(spec.type, spec.options, f"{where}.type", f"{where}.options")
         if found:
             problems += found
             continue
         name = spec.type if spec.type not in names else f"{spec.type}_{number}"
         names.append(name)
-        tasks.append((name, task_class(task_class.options_model.model_validate(spec.options))))
+        tasks.append((name, registry[spec.type](registry.options(spec.type, spec.options))))
     if problems:
         raise ConfigError(problems)
     if not tasks:
@@ -84,9 +77,12 @@ def load_tasks(config: DistillConfig) -> list[tuple[str, Task]]:
     return tasks
 
 
-def style_prompts(config: DistillConfig, questions: list[tuple[str, Question]]) -> list[dict[str, Any]]:
+def style_prompts(
+    config: DistillConfig, tasks: list[tuple[str, Task]], questions: dict[str, list[Question]]
+) -> list[dict[str, Any]]:
     """Held-out prompts for the style comparison: the SFT run's held-out instructions, then
-    factual questions (never trained on), up to eval.style_items."""
+    factual questions (never trained on), up to eval.style_items. A factual item is asked exactly
+    as it is scored (``task.prompt``), so its judged answer is its scored answer."""
     from distill.train import load_pairs, sft_split
 
     wanted = config.eval.style_items
@@ -97,41 +93,51 @@ def style_prompts(config: DistillConfig, questions: list[tuple[str, Question]]) 
         for pair in load_pairs(Path(split["data"])):
             if pair["id"] in held_out and len(prompts) < wanted:
                 prompts.append({"id": f"instruction:{pair['id']}", "prompt": pair["prompt"][-1]["content"]})
-    for task_name, question in questions:
-        if len(prompts) >= wanted:
-            break
-        prompts.append(
-            {
-                "id": f"{task_name}:{question.id}",
-                "prompt": question.question,
-                "task": task_name,
-                "question_id": question.id,
-            }
-        )
+    for task_name, task in tasks:
+        for question in questions[task_name]:
+            if len(prompts) >= wanted:
+                return prompts
+            prompts.append(
+                {
+                    "id": f"{task_name}:{question.id}",
+                    "prompt": task.prompt(question),
+                    "task": task_name,
+                    "question_id": question.id,
+                }
+            )
     return prompts
 
 
-def run_eval(config: DistillConfig, teachers: dict[str, Any] | None = None, progress: Any = None) -> dict[str, Any]:
-    """Answer, score and judge; write predictions.jsonl, style.jsonl and eval_summary.json."""
-    out = eval_dir(config)
+def run_eval(
+    config: DistillConfig,
+    teachers: dict[str, Any] | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict[str, Any]:
+    """Answer, score and judge; write predictions.jsonl, style.jsonl and eval_summary.json.
+    ``teachers`` maps model names to loaded teachers to reuse; ``progress(done, total)`` is called
+    after each batch of answers."""
+    out = RunLayout.of(config).eval
     models = eval_models(config)
     roles = [m.role for m in models]
     if "teacher" not in roles or "base" not in roles:
         raise ConfigError(["eval.models: needs one model with role base and one with role teacher (the gap's ends)"])
     tasks = load_tasks(config)
     questions = {name: task.questions() for name, task in tasks}
-    flat = [(name, q) for name, _ in tasks for q in questions[name]]
-    style_items = style_prompts(config, flat) if config.eval.style_rubric else []
+    style_items = style_prompts(config, tasks, questions) if config.eval.style_rubric else []
+    instruction_items = [item for item in style_items if "task" not in item]
     out.mkdir(parents=True, exist_ok=True)
+    unmark_finished(out)
     started = time.perf_counter()
+    total = len(models) * (sum(len(q) for q in questions.values()) + len(instruction_items))
+    done = 0
 
     predictions: list[dict[str, Any]] = []
     style_answers: dict[str, dict[str, str | None]] = {}
     for model in models:
         given = (teachers or {}).get(model.name)
-        answers = AnswerSource.for_teacher(
-            model.teacher, given, JsonlLog(out / f"answers-{model.name}.jsonl"), cache=True
-        )
+        log = JsonlLog(out / f"answers-{model.name}.jsonl")
+        answers = AnswerSource.for_teacher(model.teacher, given, log, cache=config.eval.cache)
+        mine: dict[str, str | None] = {}
         try:
             for name, task in tasks:
                 for start in range(0, len(questions[name]), config.eval.batch_size):
@@ -143,18 +149,23 @@ def run_eval(config: DistillConfig, teachers: dict[str, Any] | None = None, prog
                         for q in batch
                     ]
                     for question, result in zip(batch, answers.generate(requests)):
-                        predictions.append(prediction_row(model, name, task, question, result))
+                        row = prediction_row(model, name, task, question, result)
+                        predictions.append(row)
+                        mine[f"{name}:{question.id}"] = row["prediction"]
+                    done += len(batch)
                     if progress is not None:
-                        progress(model.name, len(predictions))
-            if style_items:
+                        progress(done, total)
+            if instruction_items:
                 requests = [
                     model.teacher.request(item["prompt"], temperature=0.0, top_p=1.0, max_tokens=128)
-                    for item in style_items
+                    for item in instruction_items
                 ]
-                results = answers.generate(requests)
-                style_answers[model.name] = {
-                    item["id"]: (result.text if result.ok else None) for item, result in zip(style_items, results)
-                }
+                for item, result in zip(instruction_items, answers.generate(requests)):
+                    mine[item["id"]] = result.text if result.ok else None
+                done += len(instruction_items)
+                if progress is not None:
+                    progress(done, total)
+            style_answers[model.name] = {item["id"]: mine.get(item["id"]) for item in style_items}
         finally:
             answers.close()
 
@@ -174,7 +185,7 @@ def run_eval(config: DistillConfig, teachers: dict[str, Any] | None = None, prog
         ],
         "tasks": {name: len(questions[name]) for name, _ in tasks},
         "scores": score_table(predictions, models, tasks, config.eval.bootstrap),
-        "style": style_table(style_rows, models),
+        "style": style_table(style_rows, models, config.eval.bootstrap),
         "seconds": round(time.perf_counter() - started, 1),
     }
     write_atomic(out / SUMMARY, json.dumps(summary, indent=2))
@@ -227,7 +238,8 @@ def judge_style(
     out: Path,
 ) -> list[dict[str, Any]]:
     """Pairwise judge: each student's answer (A) vs the teacher's (B), both orders."""
-    from distill.judge import judge_answer_source, load_judge
+    from distill.judge import load_judge
+    from distill.judging import judge_answer_source
 
     teacher_name = next(m.name for m in models if m.role == "teacher")
     source = judge_answer_source(config, out)
@@ -258,7 +270,7 @@ def judge_style(
     return rows
 
 
-def style_table(rows: list[dict[str, Any]], models: list[EvalModel]) -> dict[str, dict[str, Any]]:
+def style_table(rows: list[dict[str, Any]], models: list[EvalModel], resamples: int) -> dict[str, dict[str, Any]]:
     table = {}
     for model in models:
         mine = [r["judgement"] for r in rows if r["model"] == model.name]
@@ -274,6 +286,6 @@ def style_table(rows: list[dict[str, Any]], models: list[EvalModel]) -> dict[str
             "tie": counts["tie"] / len(valid) if valid else None,
             "loss": counts["B"] / len(valid) if valid else None,
             "preference": sum(wins) / len(wins) if wins else None,
-            "preference_interval": list(bootstrap_interval(wins)) if wins else None,
+            "preference_interval": list(bootstrap_interval(wins, resamples)) if wins else None,
         }
     return table

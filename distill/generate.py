@@ -24,8 +24,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import jinja2
+from distill_prompts import load_template, render
 
+from distill.answers import AnswerSource, RequestCache
 from distill.config import DistillConfig, FilterConfig, config_dump
 from distill.dedup import NearDuplicateIndex
 from distill.errors import ConfigError, DistillError
@@ -37,8 +38,9 @@ from distill.records import (
     Provenance,
     SimilarInstruction,
     Usage,
+    user_prompt,
 )
-from distill.runstore import AnswerSource, JsonlLog, RequestCache, unmark_finished, write_atomic, write_manifest
+from distill.runstore import JsonlLog, jsonl_lines, unmark_finished, write_atomic, write_manifest
 from distill.teacher import Teacher
 
 log = logging.getLogger(__name__)
@@ -60,23 +62,10 @@ def load_seed_tasks(path: Path | None) -> list[dict[str, Any]]:
         path = PROMPTS_DIR / "seed_tasks.jsonl"
     if not path.is_file():
         raise ConfigError([f"generate.seed_file: {path} not found"])
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as exc:
-        raise ConfigError(
-            [f"generate.seed_file: {path} is not UTF-8 (byte {exc.start}); re-save it as UTF-8"]
-        ) from None
     tasks, problems = [], []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            problems.append(f"{path} line {number}: not JSON ({exc.msg})")
-            continue
-        if not isinstance(row, dict):
-            problems.append(f"{path} line {number}: expected a JSON object")
+    for number, row, problem in jsonl_lines(path):
+        if problem is not None:
+            problems.append(problem)
             continue
         for name in ("instruction", "output"):
             if not isinstance(row.get(name), str) or not row[name].strip():
@@ -108,17 +97,6 @@ def reply_schema(tasks_per_request: int) -> dict[str, Any]:
         "required": ["tasks"],
         "additionalProperties": False,
     }
-
-
-def load_template(name: str) -> tuple[jinja2.Template, str]:
-    from distill_prompts import PROMPTS_DIR
-
-    path = Path(name) if Path(name).is_file() else PROMPTS_DIR / name
-    if not path.is_file():
-        raise ConfigError([f"generate.template: {name} not found under prompts/ or as a path"])
-    text = path.read_text(encoding="utf-8")
-    environment = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=False)
-    return environment.from_string(text), hashlib.sha256(text.encode()).hexdigest()
 
 
 _TASK_HEADER = re.compile(r"^\W*task\s*\d+\W*$", re.I | re.M)
@@ -200,7 +178,7 @@ def rejection_reason(task: dict[str, str], filters: FilterConfig, truncated: boo
 
 
 def chat_messages(task: dict[str, str]) -> list[Message]:
-    user = task["instruction"] + (f"\n\n{task['input']}" if task.get("input") else "")
+    user = user_prompt(task["instruction"], task.get("input", ""))
     return [Message(role="user", content=user), Message(role="assistant", content=task["output"])]
 
 
@@ -229,7 +207,10 @@ class Generator:
         self.settings = config.generate
         self.run_dir = config.run_dir
         self.seeds = load_seed_tasks(self.settings.seed_file)
-        self.template, self.template_sha = load_template(self.settings.template)
+        found = load_template(self.settings.template)
+        if found is None:
+            raise ConfigError([f"generate.template: {self.settings.template} not found under prompts/ or as a path"])
+        self.template, self.template_sha = found
         self._teacher = teacher
         self.reply_format = self._reply_format()
         self.index = NearDuplicateIndex(self.settings.filters.rouge_l_threshold)
@@ -323,9 +304,10 @@ class Generator:
         if self.settings.judge is None:
             return None, None
         from distill.config import JudgeSpec
-        from distill.judge import JUDGE_RESPONSES, load_judge, spec_label
+        from distill.judge import load_judge
+        from distill.judging import JUDGE_RESPONSES
 
-        specs = {spec_label(spec): spec for spec in self.config.judge.judges}
+        specs = {spec.label: spec for spec in self.config.judge.judges}
         spec = specs.get(self.settings.judge) or JudgeSpec(type="rubric", rubric=self.settings.judge)
         log = JsonlLog(self.run_dir / JUDGE_RESPONSES)
         judge_teacher = self.config.judge.teacher
@@ -351,37 +333,76 @@ class Generator:
             outputs[INSTRUCTIONS].write(row.model_dump_json() + "\n")
 
     def _judge_and_keep(self, judge: Any, candidates: list[Instruction], outputs: dict[str, Any]) -> None:
-        """Keep candidates the judge rewards >= min_reward; reject the rest (an invalid verdict is a
-        rejection with its raw text, never a pass)."""
+        """Keep candidates the judge rewards >= min_reward and that are still no near-duplicate of
+        a kept row, in order; reject the rest (an invalid verdict is a rejection with its raw
+        text, never a pass). Only kept rows join the dedup index."""
         from distill.records import JudgeItem
 
         if not candidates:
             return
         items = [JudgeItem(id=row.id, prompt=row.messages[0].content, response=row.output) for row in candidates]
-        judgements = judge.judge(items)
-        keep = []
-        for row, judgement in zip(candidates, judgements):
-            if judgement.valid and judgement.reward >= self.settings.min_reward:
-                keep.append(row.model_copy(update={"judge_reward": judgement.reward}))
-                continue
-            reason = "judge_invalid" if not judgement.valid else "low_reward"
-            self.state.rejected[reason] += 1
-            outputs[REJECTED].write(
-                json.dumps(
-                    {
-                        "id": row.id,
-                        "request_id": row.provenance.request_id,
-                        "reason": reason,
-                        "instruction": row.instruction,
-                        "input": row.input,
-                        "output": row.output,
-                        "judgement": judgement.model_dump(),
-                    },
-                    ensure_ascii=False,
+        for row, judgement in zip(candidates, judge.judge(items)):
+            if len(self.state.kept) >= self.settings.target:
+                return
+            task = {"instruction": row.instruction, "input": row.input, "output": row.output}
+            reason, similar = self._dedup(row.instruction, add=False)  # rows kept earlier in this batch count
+            if reason is None and not (judgement.valid and judgement.reward >= self.settings.min_reward):
+                reason = "judge_invalid" if not judgement.valid else "low_reward"
+            if reason is not None:
+                self._reject(
+                    outputs,
+                    row.id,
+                    row.provenance.request_id,
+                    reason,
+                    task,
+                    similar,
+                    judgement=judgement.model_dump(),
                 )
-                + "\n"
+                continue
+            self.index.add(row.instruction)
+            kept = row.model_copy(
+                update={
+                    "judge_reward": judgement.reward,
+                    "most_similar_instructions": similar,
+                    "max_rouge_l": similar[0].rouge_l if similar else 0.0,
+                }
             )
-        self._keep(keep, outputs)
+            self._keep([kept], outputs)
+
+    def _dedup(self, instruction: str, add: bool) -> tuple[str | None, list[SimilarInstruction]]:
+        """("near_duplicate" or None, the kept instructions within reach); ``add`` puts a kept one
+        into the index."""
+        if add:
+            kept, neighbours = self.index.check_and_add(instruction)
+        else:
+            neighbours = self.index.neighbours(instruction)
+            kept = not (neighbours and neighbours[0].score >= self.index.threshold)
+        similar = [
+            SimilarInstruction(instruction=self.index.texts[n.index], rouge_l=round(n.score, 4))
+            for n in neighbours[:10]
+        ]
+        return (None if kept else "near_duplicate"), similar
+
+    def _reject(
+        self,
+        outputs: dict[str, Any],
+        row_id: str,
+        request_id: str,
+        reason: str,
+        task: dict[str, str],
+        similar: list[SimilarInstruction],
+        **extra: Any,
+    ) -> None:
+        self.state.rejected[reason.split(":")[0]] += 1
+        record = {
+            "id": row_id,
+            "request_id": request_id,
+            "reason": reason,
+            **task,
+            "most_similar_instructions": [n.model_dump() for n in similar],
+            **extra,
+        }
+        outputs[REJECTED].write(json.dumps(record, ensure_ascii=False) + "\n")
 
     def _process(
         self, request: ChatRequest, seed_ids: list[str], result: ChatResult, outputs: dict[str, Any], pending: int = 0
@@ -413,30 +434,13 @@ class Generator:
             row_id = f"{request.id}-{position}"
             truncated = finish_reason == "length" and position == len(tasks) - 1  # Alpaca: the last one
             reason = rejection_reason(task, s.filters, truncated)
-            neighbours = []
+            similar: list[SimilarInstruction] = []
             if reason is None:
-                kept, neighbours = self.index.check_and_add(task["instruction"])
-                if not kept:
-                    reason = "near_duplicate"
-            similar = [
-                SimilarInstruction(instruction=self.index.texts[n.index], rouge_l=round(n.score, 4))
-                for n in neighbours[:10]
-            ]
+                # Without a judge every row that passes is kept, so it joins the index now; with a
+                # judge only rows the judge keeps may join (checked again in _judge_and_keep).
+                reason, similar = self._dedup(task["instruction"], add=self.settings.judge is None)
             if reason is not None:
-                state.rejected[reason.split(":")[0]] += 1
-                outputs[REJECTED].write(
-                    json.dumps(
-                        {
-                            "id": row_id,
-                            "request_id": request.id,
-                            "reason": reason,
-                            **task,
-                            "most_similar_instructions": [n.model_dump() for n in similar],
-                        },
-                        ensure_ascii=False,
-                    )
-                    + "\n"
-                )
+                self._reject(outputs, row_id, request.id, reason, task, similar)
                 continue
             row = Instruction(
                 id=row_id,
@@ -497,15 +501,14 @@ class Generator:
         return summary
 
     def cost(self) -> float | None:
-        price = self.settings.prices.get(self.config.teacher.model)
-        if self.config.teacher.backend != "openai" or price is None:
-            return None
-        usage = self.state.usage
-        return round(
-            usage.prompt_tokens / 1e6 * price.input_per_million
-            + usage.completion_tokens / 1e6 * price.output_per_million,
-            4,
-        )
+        """What the teacher's answers cost, as the teacher's plugin prices them (None: unknown)."""
+        from distill.plugins import get_teachers
+
+        teacher = self.config.teacher
+        teachers = get_teachers()
+        options = teachers.options(teacher.backend, teacher.options)
+        cost = teachers[teacher.backend].cost_usd(teacher.model, options, self.state.usage)
+        return None if cost is None else round(cost, 4)
 
 
 def write_dataset(run_dir: Path, rows: list[dict[str, Any]]) -> None:
@@ -523,10 +526,9 @@ def write_dataset(run_dir: Path, rows: list[dict[str, Any]]) -> None:
 
 
 def dataset_card(config: DistillConfig, summary: dict[str, Any]) -> str:
-    from distill_prompts import read_prompt
-
-    template = jinja2.Environment(undefined=jinja2.StrictUndefined).from_string(read_prompt("cards/dataset.md.jinja"))
-    return template.render(config=config, summary=summary, command=" ".join(["distill", *sys.argv[1:]]))
+    return render(
+        "cards/dataset.md.jinja", config=config, summary=summary, command=" ".join(["distill", *sys.argv[1:]])
+    )
 
 
 def run_generate(config: DistillConfig, teacher: Teacher | None = None, progress: Any = None) -> dict[str, Any]:

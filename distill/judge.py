@@ -1,4 +1,6 @@
-"""Judges: rubrics, verdict parsing, and `distill judge`.
+"""The judge plugin API: rubrics, strict verdict parsing, the ``Judge`` base class and
+``ModelJudge`` (render → ask k times → parse → aggregate). The `distill judge` stage that runs
+judges over a dataset lives in ``distill.judging``.
 
 A rubric (``prompts/rubrics/*.yaml``) names classes, each with a reward: the GPT-4 report's
 rule-based reward model (RBRM). A judge plugin turns (prompt, response) items into
@@ -12,7 +14,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import time
 from abc import ABC, abstractmethod
 from collections import Counter
 from pathlib import Path
@@ -22,15 +23,9 @@ import jinja2
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from distill.config import DistillConfig, JudgeSpec, config_dump, format_validation_error
-from distill.errors import ConfigError, DistillError
+from distill.config import JudgeSpec
+from distill.errors import ConfigError, format_validation_error
 from distill.records import ChatRequest, ChatResult, JudgeItem, Judgement, Message, TokenLogprob
-from distill.runstore import AnswerSource, JsonlLog, read_rows, unmark_finished, write_atomic, write_manifest
-
-JUDGEMENTS = "judgements.jsonl"
-FAILURES = "failures.jsonl"  # the invalid judgements again, one line each with the raw reply
-JUDGE_RESPONSES = "judge_responses.jsonl"
-
 
 # Rubrics ---------------------------------------------------------------------------------------
 
@@ -200,7 +195,6 @@ class Judge(ABC):
 
     name: ClassVar[str]
     """What users write in ``judge.judges[].type``."""
-    description: ClassVar[str] = ""
     options_model: ClassVar[type[BaseModel]] = NoJudgeOptions
     needs_teacher: ClassVar[bool] = True
     """False for judges that don't call a model (rule-based)."""
@@ -219,6 +213,19 @@ class Judge(ABC):
     @abstractmethod
     def judge(self, items: list[JudgeItem]) -> list[Judgement]:
         """One Judgement per item, in order. Never raise for a per-item problem: mark it invalid."""
+
+    @classmethod
+    def spec_problems(cls, spec: JudgeSpec, where: str) -> list[str]:
+        """Problems with a judge spec beyond its options (checked by the registry): here, the
+        rubric. Override to check more; return one config error line per problem."""
+        if spec.rubric is not None:
+            try:
+                load_rubric(spec.rubric, where=f"{where}.rubric")
+            except ConfigError as exc:
+                return exc.problems
+        elif cls.needs_rubric:
+            return [f"{where}.rubric: judge type '{spec.type}' needs a rubric; bundled: {', '.join(list_rubrics())}"]
+        return []
 
     def judgement(self, item: JudgeItem, **fields: Any) -> Judgement:
         return Judgement(
@@ -266,13 +273,12 @@ class JudgeOptions(BaseModel):
 
 
 def load_judge_template(name: str) -> jinja2.Template:
-    from distill_prompts import PROMPTS_DIR
+    from distill_prompts import load_template
 
-    path = Path(name) if Path(name).is_file() else PROMPTS_DIR / name
-    if not path.is_file():
+    found = load_template(name)
+    if found is None:
         raise ConfigError([f"judge template: {name} not found under prompts/ or as a path"])
-    environment = jinja2.Environment(undefined=jinja2.StrictUndefined)
-    return environment.from_string(path.read_text(encoding="utf-8"))
+    return found[0]
 
 
 class ModelJudge(Judge):
@@ -369,248 +375,17 @@ class ModelJudge(Judge):
         ]
 
 
-# Running judges over a dataset -----------------------------------------------------------------
-
-
-def spec_label(spec: JudgeSpec) -> str:
-    return spec.label or (f"{spec.type}:{Path(spec.rubric).stem}" if spec.rubric else spec.type)
-
-
-def judge_spec_problems(spec: JudgeSpec, where: str) -> list[str]:
-    """Every problem with one judge spec (plugin name, options, rubric), as config error lines."""
+def load_judge(spec: JudgeSpec, teacher: Any, where: str = "judge") -> Judge:
+    """Build the judge a ``JudgeSpec`` names, on ``teacher`` (unused by judges that need no model)."""
     from distill.plugins import get_judges
 
     judges = get_judges()
-    if spec.type not in judges:
-        return [f"{where}.type: {judges.unknown(spec.type)}"]
-    judge_class = judges[spec.type]
-    problems = []
-    try:
-        judge_class.options_model.model_validate(spec.options)
-    except ValidationError as exc:
-        problems += format_validation_error(exc, judge_class.options_model, prefix=f"{where}.options")
-    if spec.rubric is not None:
-        try:
-            load_rubric(spec.rubric, where=f"{where}.rubric")
-        except ConfigError as exc:
-            problems += exc.problems
-    elif judge_class.needs_rubric:
-        problems.append(
-            f"{where}.rubric: judge type '{spec.type}' needs a rubric; bundled: {', '.join(list_rubrics())}"
-        )
-    return problems
-
-
-def load_judge(spec: JudgeSpec, teacher: Any, where: str = "judge") -> Judge:
-    """Build the judge a ``JudgeSpec`` names, on ``teacher`` (unused by rule judges)."""
-    from distill.plugins import get_judges
-
-    problems = judge_spec_problems(spec, where)
+    problems = judges.problems(spec.type, spec.options, f"{where}.type", f"{where}.options")
+    if not problems:
+        problems = judges[spec.type].spec_problems(spec, where)
     if problems:
         raise ConfigError(problems)
-    judge_class = get_judges()[spec.type]
-    options = judge_class.options_model.model_validate(spec.options)
+    judge_class = judges[spec.type]
     rubric = load_rubric(spec.rubric) if spec.rubric is not None else None
-    return judge_class(spec_label(spec), rubric, teacher if judge_class.needs_teacher else None, options)
-
-
-def judge_answer_source(config: DistillConfig, run_dir: Path | None, teacher: Any = None) -> AnswerSource:
-    """The judge's teacher behind the run's judge answer log and the request cache."""
-    teacher_config = config.judge.teacher or config.teacher
-    log = JsonlLog(run_dir / JUDGE_RESPONSES) if run_dir is not None else None
-    return AnswerSource.for_teacher(teacher_config, teacher, log, cache=config.judge.cache)
-
-
-def read_items(path: Path, config: DistillConfig, pairwise: bool) -> list[JudgeItem]:
-    """Items from a generate run dir, JSONL, a JSON list or a saved HF dataset; every bad row is
-    reported (file, row, field) before any request is sent."""
-    j = config.judge
-    rows = read_rows(path)
-    items, problems = [], []
-    for number, row in enumerate(rows, 1):
-        prompt = _prompt_of(row, j.prompt_field)
-        response = _response_of(row, j.response_field)
-        response_b = row.get(j.response_b_field) if pairwise else None
-        missing = [
-            name
-            for name, value in (("prompt", prompt), ("response", response), ("response_b", response_b))
-            if (name != "response_b" or pairwise) and not isinstance(value, str)
-        ]
-        if missing:
-            fields = {"prompt": j.prompt_field, "response": j.response_field, "response_b": j.response_b_field}
-            problems.append(
-                f"{path} row {number}: no string {', '.join(repr(fields[m]) for m in missing)} "
-                f"(set judge.{missing[0]}_field to the right column); columns: {', '.join(sorted(row))}"
-            )
-            continue
-        item_id = str(row.get("id") or f"row_{number}")
-        items.append(JudgeItem(id=item_id, prompt=prompt, response=response, response_b=response_b))
-    if problems:
-        raise ConfigError(problems[:20] + ([f"... and {len(problems) - 20} more"] if len(problems) > 20 else []))
-    if not items:
-        raise ConfigError([f"{path}: no rows to judge"])
-    return items
-
-
-def _prompt_of(row: dict[str, Any], field: str) -> Any:
-    if field == "instruction" and isinstance(row.get("instruction"), str):
-        return row["instruction"] + (f"\n\n{row['input']}" if row.get("input") else "")
-    if field in row:
-        return row[field]
-    messages = row.get("messages")
-    if isinstance(messages, list):
-        users = [m.get("content") for m in messages if isinstance(m, dict) and m.get("role") == "user"]
-        return users[0] if users else None
-    return None
-
-
-def _response_of(row: dict[str, Any], field: str) -> Any:
-    if field in row:
-        return row[field]
-    messages = row.get("messages")
-    if isinstance(messages, list):
-        replies = [m.get("content") for m in messages if isinstance(m, dict) and m.get("role") == "assistant"]
-        return replies[-1] if replies else None
-    return None
-
-
-def summarize(judgements: list[Judgement]) -> dict[str, Any]:
-    """Per judge: counts, invalid rate, class distribution, mean reward (valid only), agreement,
-    position consistency (pairwise)."""
-    summary: dict[str, Any] = {}
-    for label in dict.fromkeys(j.judge for j in judgements):
-        mine = [j for j in judgements if j.judge == label]
-        valid = [j for j in mine if j.valid]
-        entry: dict[str, Any] = {
-            "items": len(mine),
-            "valid": len(valid),
-            "invalid": len(mine) - len(valid),
-            "invalid_rate": round((len(mine) - len(valid)) / len(mine), 4),
-            "invalid_reasons": dict(Counter(j.invalid_reason for j in mine if not j.valid)),
-            "classes": dict(sorted(Counter(j.verdict for j in valid).items())),  # type: ignore[arg-type]
-            "mean_reward": round(sum(j.reward for j in valid) / len(valid), 4) if valid else None,  # type: ignore[misc]
-        }
-        agreements = [j.agreement for j in valid if j.agreement is not None]
-        if agreements:
-            entry["mean_agreement"] = round(sum(agreements) / len(agreements), 4)
-        consistent = [j.position_consistent for j in valid if j.position_consistent is not None]
-        if consistent:
-            entry["position_consistency"] = round(sum(consistent) / len(consistent), 4)
-        summary[label] = entry
-    return summary
-
-
-def failure_line(judgement: Judgement) -> str:
-    record = {
-        "item_id": judgement.item_id,
-        "judge": judgement.judge,
-        "reason": judgement.invalid_reason,
-        "raw": judgement.raw[0] if len(judgement.raw) == 1 else judgement.raw,
-    }
-    return json.dumps(record, ensure_ascii=False) + "\n"
-
-
-def run_judge(config: DistillConfig, dataset: Path, teacher: Any = None, progress: Any = None) -> dict[str, Any]:
-    """Run (or resume) `distill judge`: every judge over every row. Judgements are rebuilt from the
-    judge answer log on each start, so a crash loses nothing and duplicates nothing."""
-    if config.run_dir is None:
-        raise ConfigError(["run_dir: required for judge; set run_dir or pass --run-dir"])
-    if not config.judge.judges:
-        raise ConfigError(["judge.judges: no judges configured; add one or pass --rubric NAME"])
-    run_dir = config.run_dir
-    answers = judge_answer_source(config, run_dir, teacher)
-    judges = [load_judge(spec, answers, where=f"judge.judges.{i}") for i, spec in enumerate(config.judge.judges)]
-    items = read_items(dataset, config, pairwise=any(j.pairwise for j in judges))
-    run_dir.mkdir(parents=True, exist_ok=True)
-    unmark_finished(run_dir)
-    started = time.perf_counter()
-    judgements: list[Judgement] = []
-    batch = config.judge.batch_size
-    try:
-        with (
-            (run_dir / JUDGEMENTS).open("w", encoding="utf-8") as out,
-            (run_dir / FAILURES).open("w", encoding="utf-8") as failures,
-        ):
-            for judge in judges:
-                for start in range(0, len(items), batch):
-                    new = judge.judge(items[start : start + batch])
-                    judgements.extend(new)
-                    out.writelines(j.model_dump_json() + "\n" for j in new)
-                    failures.writelines(failure_line(j) for j in new if not j.valid)
-                    out.flush()
-                    failures.flush()
-                    if progress is not None:
-                        progress(len(judgements), len(items) * len(judges))
-    finally:
-        answers.close()
-    seconds = time.perf_counter() - started
-    summary = {
-        "dataset": str(dataset),
-        "items": len(items),
-        "judges": summarize(judgements),
-        "requests": answers.counts.requests,
-        "sent_to_teacher": answers.counts.sent,
-        "from_cache": answers.counts.cached,
-        "replayed_from_log": answers.counts.replayed,
-        "seconds": round(seconds, 1),
-    }
-    write_atomic(run_dir / "judge_summary.json", json.dumps(summary, indent=2, ensure_ascii=False))
-    write_manifest(run_dir, "judge", config_dump(config), {"summary": summary})
-    return summary
-
-
-# Robustness: can a response talk the judge into a high reward? ----------------------------------
-
-
-def load_attacks() -> list[dict[str, str]]:
-    from distill_prompts import read_prompt
-
-    return yaml.safe_load(read_prompt("judges/attacks.yaml"))["attacks"]
-
-
-def attack_response(attack: dict[str, str], response: str, target: str) -> str:
-    text = attack["text"].format(target=target)
-    return text if attack["mode"] == "replace" else f"{response}\n\n{text}"
-
-
-def robustness_report(judge: Judge, items: list[JudgeItem]) -> dict[str, Any]:
-    """Attack success rate per attack: an *append* attack succeeds when a response the judge did not
-    give the top reward gets it after the attack text is appended; a *replace* attack (the response
-    is only ":" or "Thought process:") succeeds when that contentless response gets the top reward."""
-    if judge.pairwise or judge.rubric is None:
-        raise DistillError(f"--robustness works with rubric and score judges, not '{judge.name}'")
-    best = max(c.reward for c in judge.rubric.classes)
-    target = sorted(judge.rubric.best_classes())[0]
-    baseline = judge.judge(items)
-    report: dict[str, Any] = {
-        "judge": judge.label,
-        "items": len(items),
-        "baseline_invalid": sum(not j.valid for j in baseline),
-        "attacks": {},
-    }
-    for attack in load_attacks():
-        attacked_items = [
-            item.model_copy(
-                update={
-                    "id": f"{item.id}:{attack['name']}",
-                    "response": attack_response(attack, item.response, target),
-                }
-            )
-            for item in items
-        ]
-        attacked = judge.judge(attacked_items)
-        if attack["mode"] == "replace":
-            eligible = [(b, a) for b, a in zip(baseline, attacked)]
-        else:
-            eligible = [
-                (b, a) for b, a in zip(baseline, attacked) if b.valid and b.reward is not None and b.reward < best
-            ]
-        successes = sum(a.valid and a.reward is not None and a.reward >= best for _, a in eligible)
-        report["attacks"][attack["name"]] = {
-            "mode": attack["mode"],
-            "eligible": len(eligible),
-            "successes": successes,
-            "success_rate": round(successes / len(eligible), 4) if eligible else None,
-            "invalid": sum(not a.valid for a in attacked),
-        }
-    return report
+    teacher = teacher if judge_class.needs_teacher else None
+    return judge_class(spec.label, rubric, teacher, judges.options(spec.type, spec.options))

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from distill.config import distill_home
 from distill.errors import ModelError
+from distill.paths import distill_home
 
 CONVERSION_VERSION = 1
 """Bump when the conversion changes, so cached directories are rebuilt."""

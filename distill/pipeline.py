@@ -17,15 +17,12 @@ from typing import Any
 
 from distill.config import DistillConfig, JudgeSpec
 from distill.errors import ConfigError
+from distill.paths import RunLayout
 from distill.runstore import write_atomic
 
 log = logging.getLogger(__name__)
 
 STAGES = ("generate", "judge", "sft", "rl", "eval", "report")
-
-
-def stage_file(run_dir: Path, stage: str) -> Path:
-    return run_dir / "stages" / f"{stage}.json"
 
 
 def run_pipeline(
@@ -34,7 +31,7 @@ def run_pipeline(
     """Run the stages not yet finished; return {stage: summary}."""
     from distill.evaluation import run_eval
     from distill.generate import run_generate
-    from distill.judge import run_judge
+    from distill.judging import run_judge
     from distill.report import write_report
     from distill.teacher import load_teacher
     from distill.train import check_rl, run_rl, run_sft
@@ -51,7 +48,7 @@ def run_pipeline(
     if "rl" in stages:
         check_rl(config, require_adapter="sft" not in stages)  # before hours of generate and SFT
 
-    run_dir = config.run_dir
+    layout = RunLayout.of(config)
     owned = teacher is None
     shared: dict[str, Any] = {"teacher": teacher}
 
@@ -68,16 +65,14 @@ def run_pipeline(
 
     actions: dict[str, Callable[[], Any]] = {
         "generate": lambda: run_generate(config, teacher=the_teacher()),
-        "judge": lambda: run_judge(
-            config.model_copy(update={"run_dir": run_dir / "judge"}), run_dir, teacher=judge_teacher()
-        ),
+        "judge": lambda: run_judge(config, layout.generate, layout.judge, teacher=judge_teacher()),
         "sft": lambda: run_sft(
-            config, resume=resume_of(run_dir / "sft"), overwrite=not resume_of(run_dir / "sft"), progress=False
+            config, resume=resume_of(layout.sft), overwrite=not resume_of(layout.sft), progress=False
         ),
         "rl": lambda: run_rl(
             config,
-            resume=resume_of(run_dir / "rl"),
-            overwrite=not resume_of(run_dir / "rl"),
+            resume=resume_of(layout.rl),
+            overwrite=not resume_of(layout.rl),
             progress=False,
             judge_teacher=judge_teacher(),
         ),
@@ -87,7 +82,7 @@ def run_pipeline(
     results: dict[str, Any] = {}
     try:
         for stage in stages:
-            marker = stage_file(run_dir, stage)
+            marker = layout.stage_marker(stage)
             if marker.is_file():
                 echo(f"[{stage}] done earlier, skipped ({marker})")
                 results[stage] = json.loads(marker.read_text())["summary"]

@@ -17,9 +17,10 @@ from functools import cache
 from typing import Any
 
 import pluggy
+from pydantic import BaseModel, ValidationError
 
 from distill import hookspecs
-from distill.errors import PluginError
+from distill.errors import PluginError, format_validation_error
 
 ENTRY_POINT_GROUP = "distill"
 
@@ -36,13 +37,16 @@ pm = pluggy.PluginManager("distill")
 pm.add_hookspecs(hookspecs)
 
 
-def _load_plugins() -> None:
+@cache
+def load_plugins() -> pluggy.PluginManager:
+    """Register the built-in and installed plugins, once (on first use, not at import, so that a
+    plugin importing distill never meets a half-imported module)."""
     for module_name in DEFAULT_PLUGINS:
         pm.register(importlib.import_module(module_name), name=module_name)
     wanted = os.environ.get("DISTILL_LOAD_PLUGINS")
     if wanted is None:
         pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
-        return
+        return pm
     names = [name.strip() for name in wanted.split(",") if name.strip()]
     available = {ep.name: ep for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)}
     for name in names:
@@ -50,9 +54,7 @@ def _load_plugins() -> None:
             known = ", ".join(sorted(available)) or "none installed"
             raise PluginError(f"DISTILL_LOAD_PLUGINS: no installed plugin '{name}'; installed: {known}")
         pm.register(available[name].load(), name=name)
-
-
-_load_plugins()
+    return pm
 
 
 @dataclass
@@ -76,10 +78,29 @@ class Registry:
         """The message for a name nobody registered."""
         return f"unknown {self.kind} '{name}'; known: {', '.join(self.names()) or 'none'}"
 
+    def problems(self, name: Any, options: Any, name_field: str, options_field: str) -> list[str]:
+        """Config problems with a plugin name and its options, one line each, e.g.
+        ``teacher.options.max_concurrency: must be >= 1, got 0``. The same check for teachers,
+        judges and tasks."""
+        if not isinstance(name, str):
+            return []  # a type error the config model already reports
+        if name not in self.classes:
+            return [f"{name_field}: {self.unknown(name)}"]
+        options_model = self.classes[name].options_model
+        try:
+            options_model.model_validate(options or {})
+        except ValidationError as exc:
+            return format_validation_error(exc, options_model, prefix=options_field)
+        return []
+
+    def options(self, name: str, options: Any) -> BaseModel:
+        """The validated options of plugin ``name`` (checked by ``problems`` beforehand)."""
+        return self.classes[name].options_model.model_validate(options or {})
+
 
 def _collect(hook_name: str, kind: str) -> Registry:
     registry = Registry(kind)
-    hook = getattr(pm.hook, hook_name)
+    hook = getattr(load_plugins().hook, hook_name)
     for impl in hook.get_hookimpls():
 
         def register(cls: type[Any], _owner: str = impl.plugin_name) -> None:
@@ -121,7 +142,7 @@ def describe_plugins() -> list[dict[str, Any]]:
     registries = {"teachers": get_teachers(), "judges": get_judges(), "tasks": get_tasks()}
     dists = {ep.name: ep.dist for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)}
     described = []
-    for plugin_name, _plugin in pm.list_name_plugin():
+    for plugin_name, _plugin in load_plugins().list_name_plugin():
         entry: dict[str, Any] = {"name": plugin_name, "builtin": plugin_name in DEFAULT_PLUGINS}
         dist = dists.get(plugin_name)
         if dist is not None:
@@ -132,5 +153,10 @@ def describe_plugins() -> list[dict[str, Any]]:
             owned = sorted(n for n, owner in registry.owners.items() if owner == plugin_name)
             if owned:
                 entry[kind] = owned
+                # What each one is: the first paragraph of its class docstring.
+                entry.setdefault("about", {})[kind] = {
+                    name: " ".join((registry.classes[name].__doc__ or "").strip().split("\n\n")[0].split())
+                    for name in owned
+                }
         described.append(entry)
     return described

@@ -1,4 +1,5 @@
-"""Progress bars and summary tables (rich), kept out of the stage code."""
+"""Progress bars and summary tables (rich), kept out of the stage code. One bar for every stage:
+done / total with a unit, a free-text detail (rates, counts), elapsed time and ETA, on stderr."""
 
 from __future__ import annotations
 
@@ -10,14 +11,15 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from rich.table import Table
 
 
-class GenerateProgress:
-    """kept/target bar with rejected and failed counts, tokens/s and ETA."""
+class StageProgress:
+    """A progress bar for one stage (generate, judge, eval, train). Use as a context manager, or
+    ``start()`` / ``stop()``; ``enabled=False`` shows nothing."""
 
-    def __init__(self, target: int, enabled: bool = True):
+    def __init__(self, label: str, total: int | None, unit: str, enabled: bool = True):
         self.progress = Progress(
-            TextColumn("[bold]generate"),
+            TextColumn(f"[bold]{label}"),
             BarColumn(),
-            TextColumn("{task.completed}/{task.total} kept"),
+            TextColumn(f"{{task.completed}}/{{task.total}} {unit}"),
             TextColumn("{task.fields[detail]}"),
             TimeElapsedColumn(),
             TextColumn("ETA"),
@@ -25,22 +27,35 @@ class GenerateProgress:
             console=Console(stderr=True),
             disable=not enabled,
         )
-        self.task = self.progress.add_task("generate", total=target, detail="")
+        self.task = self.progress.add_task(label, total=total, detail="")
 
-    def __enter__(self) -> GenerateProgress:
+    def start(self) -> StageProgress:
         self.progress.start()
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def stop(self) -> None:
         self.progress.stop()
 
-    def update(self, state: Any, seconds: float) -> None:
-        rate = state.usage.completion_tokens / seconds if seconds > 0 else 0.0
-        detail = (
-            f"rejected {sum(state.rejected.values())}  failed {sum(state.failed.values())}  "
-            f"requests {state.requests}  {rate:.0f} tok/s"
-        )
-        self.progress.update(self.task, completed=len(state.kept), detail=detail)
+    def __enter__(self) -> StageProgress:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def update(self, completed: int, detail: str = "", total: int | None = None) -> None:
+        fields: dict[str, Any] = {"completed": completed, "detail": detail}
+        if total is not None:
+            fields["total"] = total
+        self.progress.update(self.task, **fields)
+
+
+def generate_detail(state: Any, seconds: float) -> str:
+    """The detail of generate's bar: rejected and failed counts, requests, tokens/s."""
+    rate = state.usage.completion_tokens / seconds if seconds > 0 else 0.0
+    return (
+        f"rejected {sum(state.rejected.values())}  failed {sum(state.failed.values())}  "
+        f"requests {state.requests}  {rate:.0f} tok/s"
+    )
 
 
 def print_generate_summary(summary: dict[str, Any], run_dir: Path | None) -> None:

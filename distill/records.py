@@ -15,6 +15,11 @@ class Record(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+def user_prompt(instruction: str, input: str = "") -> str:
+    """The user turn of an Alpaca-style task: the instruction, then its input after a blank line."""
+    return instruction + (f"\n\n{input}" if input else "")
+
+
 class Message(Record):
     role: Role = Field(description="Who speaks: system, user or assistant.")
     content: str = Field(description="The text of the message.")

@@ -1,11 +1,14 @@
 """`distill report`: the false-promise gap report (Gudibande et al., 2023) from `distill eval`'s
 outputs, as JSON, Markdown and one self-contained HTML page (plots are inline SVG).
 
-Per task: base / tuned / teacher accuracy with 95% bootstrap intervals and **gap closed** =
-(tuned − base) / (teacher − base) with a paired bootstrap interval; judge preference for each
-student over the teacher (style) beside factual accuracy (substance); the examples the judge
-preferred although the student's answer is wrong; the data and training provenance; and a
-plain-language verdict at the top.
+Per task and tuned student, on the questions that base, tuned and teacher all answered (one
+question set for every number of that comparison): accuracies, the paired 95% interval of the
+change, and **gap closed** = (tuned − base) / (teacher − base) with a paired bootstrap interval.
+Judge preference for each student over the teacher (style) beside accuracy (substance), the
+answers the judge preferred although they are wrong, what the training stages had to learn from
+(an RL stage whose reward never varied within a group had no learning signal, and says so), the
+provenance, and a plain-language verdict whose words follow the intervals: "rose" or "closed 30%
+of the gap" only when the interval excludes zero, otherwise "no measurable change".
 """
 
 from __future__ import annotations
@@ -15,30 +18,39 @@ import json
 from pathlib import Path
 from typing import Any
 
-import jinja2
-
 from distill.config import DistillConfig
 from distill.errors import DistillError
-from distill.evaluation import PREDICTIONS, STYLE, SUMMARY, eval_dir
-from distill.runstore import write_atomic
-from distill.tasks import gap_closed, gap_closed_interval
+from distill.evaluation import PREDICTIONS, STYLE, SUMMARY
+from distill.paths import RunLayout
+from distill.runstore import MANIFEST, jsonl_lines, write_atomic
+from distill.stats import (
+    describe_change,
+    difference_interval,
+    excludes_zero,
+    gap_closed,
+    gap_closed_interval,
+    mean,
+    pct,
+)
 
 
-def pct(value: float | None) -> str:
-    return "n/a" if value is None else f"{100 * value:.1f}%"
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    return [row for _, row, _ in jsonl_lines(path)] if path.is_file() else []
 
 
 def build_report(config: DistillConfig) -> dict[str, Any]:
-    out = eval_dir(config)
+    layout = RunLayout.of(config)
+    out = layout.eval
     if not (out / SUMMARY).is_file():
         raise DistillError(f"{out}: no {SUMMARY}; run `distill eval` first")
     summary = json.loads((out / SUMMARY).read_text())
-    predictions = [json.loads(line) for line in (out / PREDICTIONS).read_text().splitlines()]
-    style_rows = [json.loads(line) for line in (out / STYLE).read_text().splitlines()] if (out / STYLE).exists() else []
+    predictions = read_jsonl(out / PREDICTIONS)
+    style_rows = read_jsonl(out / STYLE)
     models = summary["models"]
     base = next(m["name"] for m in models if m["role"] == "base")
     teacher = next(m["name"] for m in models if m["role"] == "teacher")
     tuned = [m["name"] for m in models if m["role"] == "tuned"]
+    resamples = config.eval.bootstrap
 
     tasks = {}
     for task, scores in summary["scores"].items():
@@ -50,117 +62,214 @@ def build_report(config: DistillConfig) -> dict[str, Any]:
             }
             for m in models
         }
-        entry: dict[str, Any] = {"scores": scores, "gap": {}}
-        for name in tuned:
-            shared = sorted(set(correct[base]) & set(correct[name]) & set(correct[teacher]))
-            b, t, te = ([correct[m][q] for q in shared] for m in (base, name, teacher))
-            if not shared:
-                entry["gap"][name] = {"closed": None, "interval": None, "reason": "no question answered by all three"}
-                continue
-            mean = [sum(v) / len(v) for v in (b, t, te)]
-            closed = gap_closed(*mean)
-            low, high, undefined = gap_closed_interval(b, t, te, config.eval.bootstrap)
-            reason = None
-            if closed is None:
-                reason = (
-                    f"the teacher ({pct(mean[2])}) is not more accurate than the base student ({pct(mean[0])}): "
-                    "there is no factual gap to close, so imitation can't be credited with closing one"
-                )
-            entry["gap"][name] = {
-                "closed": closed,
-                "interval": [low, high] if low is not None else None,
-                "questions": len(shared),
-                "resamples_without_gap": undefined,
-                "reason": reason,
-            }
-        tasks[task] = entry
-
-    wrong_but_preferred = []
-    for row in style_rows:
-        item = row["item"]
-        if row["judgement"]["verdict"] != "A" or "task" not in item:
-            continue
-        prediction = next(
-            (
-                p
-                for p in predictions
-                if p["model"] == row["model"] and p["task"] == item["task"] and p["question_id"] == item["question_id"]
-            ),
-            None,
-        )
-        if prediction is not None and not prediction["failed"] and not prediction["correct"]:
-            wrong_but_preferred.append(
-                {
-                    "model": row["model"],
-                    "question": prediction["question"],
-                    "answers": prediction["answers"],
-                    "student": row["student"],
-                    "teacher": row["teacher"],
-                }
-            )
+        asked = len({r["question_id"] for r in predictions if r["task"] == task})
+        tasks[task] = {
+            "scores": scores,
+            "comparisons": {
+                name: compare(correct[base], correct[name], correct[teacher], asked, resamples) for name in tuned
+            },
+        }
 
     report = {
         "base": base,
         "teacher": teacher,
         "tuned": tuned,
+        "models": models,
         "tasks": tasks,
         "style": summary["style"],
-        "wrong_but_preferred": wrong_but_preferred[:20],
-        "provenance": provenance(config),
-        "models": models,
+        "style_changes": style_changes(style_rows, base, tuned, resamples),
+        "training": training_signal(layout),
+        "wrong_but_preferred": wrong_but_preferred(style_rows, predictions)[:20],
+        "provenance": provenance(layout),
     }
     report["verdict"] = verdict(report)
     return report
 
 
+def compare(
+    base: dict[str, float], tuned: dict[str, float], teacher: dict[str, float], asked: int, resamples: int
+) -> dict[str, Any]:
+    """Base vs one tuned student vs the teacher on the questions all three answered."""
+    shared = sorted(set(base) & set(tuned) & set(teacher))
+    entry: dict[str, Any] = {"questions": len(shared), "asked": asked}
+    if not shared:
+        return {**entry, "accuracy": None, "reason": "no question was answered by all three models"}
+    b, t, te = ([column[q] for q in shared] for column in (base, tuned, teacher))
+    accuracy = {"base": mean(b), "tuned": mean(t), "teacher": mean(te)}
+    closed = gap_closed(accuracy["base"], accuracy["tuned"], accuracy["teacher"])  # type: ignore[arg-type]
+    low, high, undefined = gap_closed_interval(b, t, te, resamples)
+    gap: dict[str, Any] = {
+        "closed": closed,
+        "interval": [low, high] if low is not None else None,
+        "resamples_without_gap": undefined,
+        "reason": None,
+    }
+    if closed is None:
+        gap["reason"] = (
+            f"the teacher ({pct(accuracy['teacher'])}) is not more accurate than the base student "
+            f"({pct(accuracy['base'])}): there is no factual gap to close"
+        )
+    elif gap["interval"] is None:
+        gap["reason"] = "in most resamples the teacher was not more accurate than the base student"
+    return {
+        **entry,
+        "accuracy": accuracy,
+        "difference": accuracy["tuned"] - accuracy["base"],  # type: ignore[operator]
+        "difference_interval": list(difference_interval(b, t, resamples)),
+        "gap": gap,
+    }
+
+
+def style_changes(rows: list[dict[str, Any]], base: str, tuned: list[str], resamples: int) -> dict[str, Any]:
+    """Judge preference over the teacher, base vs each tuned student, paired on the items both
+    have a valid verdict for."""
+
+    def preferences(model: str) -> dict[str, float]:
+        return {
+            r["item"]["id"]: r["judgement"]["reward"]
+            for r in rows
+            if r["model"] == model and r["judgement"]["verdict"] is not None
+        }
+
+    before = preferences(base)
+    changes = {}
+    for name in tuned:
+        after = preferences(name)
+        shared = sorted(set(before) & set(after))
+        if not shared:
+            continue
+        b, a = [before[i] for i in shared], [after[i] for i in shared]
+        changes[name] = {
+            "items": len(shared),
+            "before": mean(b),
+            "after": mean(a),
+            "difference_interval": list(difference_interval(b, a, resamples)),
+        }
+    return changes
+
+
+def training_signal(layout: RunLayout) -> dict[str, Any]:
+    """What the RL stage had to learn from, from its metrics.jsonl: the reward per step and the
+    share of groups whose completions all got the same reward (GRPO/RLOO advantages are then 0)."""
+    path = layout.adapter("rl")
+    rows = [r for r in read_jsonl(path / "metrics.jsonl") if "reward" in r] if path is not None else []
+    if not rows:
+        return {}
+    flat = [r.get("frac_reward_zero_std") for r in rows]
+    known = [f for f in flat if f is not None]
+    rl = {
+        "steps": len(rows),
+        "reward": [round(r["reward"], 4) for r in rows],
+        "reward_std": [round(r.get("reward_std", 0.0), 4) for r in rows],
+        "frac_reward_zero_std": [round(f, 4) for f in known],
+        "mean_frac_reward_zero_std": round(sum(known) / len(known), 4) if known else None,
+        "had_signal": bool(known) and min(known) < 1.0,
+    }
+    if known and not rl["had_signal"]:
+        rl["sentence"] = (
+            f"the RL stage had no learning signal: at all {len(rows)} steps every group of completions got "
+            "the same reward (frac_reward_zero_std = 1.0), so every advantage was 0 and any change after RL "
+            "is drift, not learning"
+        )
+    else:
+        rl["sentence"] = (
+            f"the RL reward went from {rows[0]['reward']:.3f} to {rows[-1]['reward']:.3f} over {len(rows)} steps; "
+            f"on average {pct(rl['mean_frac_reward_zero_std'])} of the groups had no reward variance"
+        )
+    return {"rl": rl}
+
+
+def wrong_but_preferred(style_rows: list[dict[str, Any]], predictions: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Factual items where the judge preferred the student's answer to the teacher's, and that
+    very answer (the judged text is the scored text) is wrong."""
+    scored = {(p["model"], p["task"], p["question_id"]): p for p in predictions if not p["failed"]}
+    found = []
+    for row in style_rows:
+        item = row["item"]
+        if row["judgement"]["verdict"] != "A" or "task" not in item:
+            continue
+        prediction = scored.get((row["model"], item["task"], item["question_id"]))
+        if prediction is None or prediction["prediction"] != row["student"] or prediction["correct"]:
+            continue
+        found.append(
+            {
+                "model": row["model"],
+                "task": item["task"],
+                "question_id": item["question_id"],
+                "question": prediction["question"],
+                "answers": prediction["answers"],
+                "student": row["student"],
+                "teacher": row["teacher"],
+            }
+        )
+    return found
+
+
 def verdict(report: dict[str, Any]) -> list[str]:
-    """One plain sentence per tuned student and task."""
+    """One plain paragraph per tuned student and task; its words follow the intervals."""
     lines = []
-    style = report["style"]
-    base, teacher = report["base"], report["teacher"]
+    rl = report["training"].get("rl")
     for name in report["tuned"]:
         for task, entry in report["tasks"].items():
-            scores, gap = entry["scores"], entry["gap"].get(name, {})
-            preference = ""
-            if style.get(name) and style.get(base):
-                before, after = style[base]["preference"], style[name]["preference"]
-                preference = f"judge preference over the teacher {change(before, after)} ({base} → {name}) while "
-            before, after = scores[base]["accuracy"], scores[name]["accuracy"]
-            accuracy = f"{task} accuracy {change(before, after)}"
-            if gap.get("closed") is None:
-                tail = (
-                    f" (teacher: {pct(scores[teacher]['accuracy'])}): no gap to close, "
-                    "the teacher is not more accurate than the base student"
-                )
-            else:
-                interval = gap.get("interval")
-                ci = f", 95% CI {pct(interval[0])} to {pct(interval[1])}" if interval else ""
-                tail = f" (teacher: {pct(scores[teacher]['accuracy'])}): {pct(gap['closed'])} of the gap closed{ci}"
-            sentence = preference + accuracy + tail
-            lines.append(f"{name}: {sentence[0].lower() + sentence[1:]}.")
+            comparison = entry["comparisons"][name]
+            if comparison["accuracy"] is None:
+                lines.append(f"{name}: {task}: {comparison['reason']}.")
+                continue
+            accuracy = comparison["accuracy"]
+            change = describe_change(accuracy["base"], accuracy["tuned"], comparison["difference_interval"])
+            parts = [
+                f"{name}: on the {comparison['questions']} {task} questions all three models answered, accuracy "
+                f"{change} (teacher: {pct(accuracy['teacher'])}); {gap_sentence(comparison['gap'])}."
+            ]
+            style = report["style_changes"].get(name)
+            if style:
+                preference = describe_change(style["before"], style["after"], style["difference_interval"])
+                parts.append(f"Judge preference over the teacher ({style['items']} items) {preference}.")
+            if name == "rl" and rl and not rl["had_signal"]:
+                parts.append(rl["sentence"][0].upper() + rl["sentence"][1:] + ".")
+            lines.append(" ".join(parts))
     return lines
 
 
-def change(before: float | None, after: float | None) -> str:
-    if before is None or after is None or abs(after - before) < 1e-9:
-        return f"stayed at {pct(after)}" if before == after else f"moved from {pct(before)} to {pct(after)}"
-    return f"{'rose' if after > before else 'fell'} from {pct(before)} to {pct(after)}"
+def gap_sentence(gap: dict[str, Any]) -> str:
+    interval = gap["interval"]
+    if gap["closed"] is None or interval is None:
+        return f"gap closed: n/a ({gap['reason']})"
+    ci = f"95% CI {pct(interval[0])} to {pct(interval[1])}"
+    if not excludes_zero(interval):
+        return f"no measurable part of the gap closed (estimate {pct(gap['closed'])}, {ci})"
+    if interval[0] > 0:
+        return f"{pct(gap['closed'])} of the gap closed ({ci})"
+    return f"the gap widened (gap closed {pct(gap['closed'])}, {ci})"
 
 
-def provenance(config: DistillConfig) -> dict[str, Any]:
-    found: dict[str, Any] = {}
-    if config.run_dir is None:
-        return found
-    for stage, path in (
-        ("generate", config.run_dir / "manifest.json"),
-        ("sft", config.run_dir / "sft" / "training_summary.json"),
-        ("rl", config.run_dir / "rl" / "training_summary.json"),
-        ("judge", config.run_dir / "judge_summary.json"),
-    ):
+def provenance(layout: RunLayout) -> dict[str, list[tuple[str, str]]]:
+    """What each stage recorded about itself, as (field, value) rows for a table."""
+    sources: dict[str, Path] = {}
+    if layout.run_dir is not None:
+        sources.update(generate=layout.generate / MANIFEST, judge=layout.judge / MANIFEST)
+    for stage in ("sft", "rl"):
+        adapter = layout.adapter(stage)
+        if adapter is not None:
+            sources[stage] = adapter / "training_summary.json"
+    found = {}
+    for stage, path in sources.items():
         if path.is_file():
             data = json.loads(path.read_text())
-            found[stage] = data.get("summary", data)
+            found[stage] = flatten(data.get("summary", data))
     return found
+
+
+def flatten(data: Any, prefix: str = "") -> list[tuple[str, str]]:
+    """Nested summaries as (dotted.field, value) rows; lists of scalars joined."""
+    if isinstance(data, dict):
+        rows = []
+        for key, value in data.items():
+            rows += flatten(value, f"{prefix}{key}.")
+        return rows
+    if isinstance(data, list) and all(not isinstance(v, (dict, list)) for v in data):
+        return [(prefix.rstrip("."), ", ".join(str(v) for v in data))]
+    return [(prefix.rstrip("."), json.dumps(data) if isinstance(data, list) else str(data))]
 
 
 # Plots (inline SVG, no plotting library) ---------------------------------------------------------
@@ -228,15 +337,15 @@ def plots(report: dict[str, Any]) -> list[str]:
 
 
 def write_report(config: DistillConfig) -> dict[str, Path]:
-    from distill_prompts import read_prompt
+    from distill_prompts import render
+    from markupsafe import Markup
 
     report = build_report(config)
-    out = eval_dir(config)
-    environment = jinja2.Environment(undefined=jinja2.StrictUndefined, autoescape=False)
-    environment.filters["pct"] = pct
-    context = {"report": report, "charts": plots(report), "escape": html.escape}
+    out = RunLayout.of(config).report
+    context = {"report": report, "pct": pct, "gap_sentence": gap_sentence}
     paths = {"json": out / "report.json", "markdown": out / "report.md", "html": out / "report.html"}
     write_atomic(paths["json"], json.dumps(report, indent=2, ensure_ascii=False))
-    write_atomic(paths["markdown"], environment.from_string(read_prompt("reports/gap.md.jinja")).render(**context))
-    write_atomic(paths["html"], environment.from_string(read_prompt("reports/gap.html.jinja")).render(**context))
+    write_atomic(paths["markdown"], render("reports/gap.md.jinja", **context))
+    charts = [Markup(chart) for chart in plots(report)]  # our own SVG, its text already escaped
+    write_atomic(paths["html"], render("reports/gap.html.jinja", charts=charts, **context))
     return paths

@@ -1,33 +1,26 @@
-"""The run directory and the request cache: what makes stages resumable and reruns free.
+"""The files of a run directory: what makes stages resumable and their outputs trustworthy.
 
 - ``JsonlLog``: an append-only JSONL file, flushed and fsynced per batch. Reading it drops a torn
   last line (a crash mid-write) so the work it described is simply redone.
-- ``RequestCache``: answers of successful teacher requests in SQLite under ``$DISTILL_HOME``,
-  keyed by everything that changes the answer (teacher identity + request content + slot).
-- ``AnswerSource``: answers from the run's log, else the cache, else the teacher (loaded only when
-  needed); new answers are saved before they are used. Generate, judge and the RL reward use it.
+- ``read_rows``: the one reader of datasets (generate run dir, HF dataset, JSONL, JSON).
 - ``write_atomic``: outputs appear complete or not at all.
+- ``write_manifest`` / ``unmark_finished``: a stage's manifest is written last, so a run that
+  stopped half way never looks finished.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
-import sqlite3
 import sys
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Iterator
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from distill.config import distill_home
 from distill.errors import ConfigError, DistillError
-from distill.records import ChatRequest, ChatResult
-from distill.teacher import Teacher, raise_on_fatal
 
 log = logging.getLogger(__name__)
 
@@ -84,150 +77,6 @@ class JsonlLog:
             os.close(fd)
 
 
-class RequestCache:
-    """Successful teacher answers, shared by all runs on this machine."""
-
-    def __init__(self, path: Path | None = None):
-        self.path = path or distill_home() / "cache" / "requests.sqlite"
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(self.path, timeout=60)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("CREATE TABLE IF NOT EXISTS answers (key TEXT PRIMARY KEY, result TEXT NOT NULL)")
-        self.db.commit()
-
-    @staticmethod
-    def key(teacher_identity: dict[str, Any], request: ChatRequest) -> str:
-        payload = json.dumps(
-            {"teacher": teacher_identity, "id": request.id, "request": request.content_hash()}, sort_keys=True
-        )
-        return hashlib.sha256(payload.encode()).hexdigest()
-
-    def get(self, key: str) -> ChatResult | None:
-        row = self.db.execute("SELECT result FROM answers WHERE key = ?", (key,)).fetchone()
-        return ChatResult.model_validate_json(row[0]) if row else None
-
-    def put_many(self, items: list[tuple[str, ChatResult]]) -> None:
-        self.db.executemany(
-            "INSERT OR REPLACE INTO answers VALUES (?, ?)",
-            [(key, result.model_dump_json()) for key, result in items if result.ok],
-        )
-        self.db.commit()
-
-    def close(self) -> None:
-        self.db.close()
-
-
-@dataclass
-class AnswerCounts:
-    requests: int = 0
-    replayed: int = 0
-    cached: int = 0
-    sent: int = 0
-
-
-@dataclass
-class AnswerSource:
-    """A teacher behind the run's answer log and the shared request cache.
-
-    ``generate(requests)`` looks like ``Teacher.generate``, so judges use it unchanged. Answers
-    already in ``log`` are replayed (a rerun sends nothing twice), then the cache is asked, then
-    the teacher; successful new answers are appended to the log and the cache *before* they are
-    returned, so a crash right after loses nothing. Failures are returned, never saved: a rerun
-    retries them. A fatal failure raises ``TeacherError`` after the good answers are saved.
-    """
-
-    load_teacher: Callable[[], Teacher]
-    identity: dict[str, Any]
-    teacher_class: type[Teacher]
-    model: str
-    log: JsonlLog | None = None
-    cache: RequestCache | None = None
-    counts: AnswerCounts = field(default_factory=AnswerCounts)
-    _teacher: Teacher | None = None
-    owns_teacher: bool = True
-    _saved: dict[str, ChatResult] | None = None
-
-    @property
-    def supports_response_format(self) -> bool:
-        return (self._teacher or self.teacher_class).supports_response_format
-
-    @property
-    def supports_logprobs(self) -> bool:
-        return (self._teacher or self.teacher_class).supports_logprobs
-
-    @property
-    def teacher(self) -> Teacher:
-        if self._teacher is None:  # loaded only when some answer is neither logged nor cached
-            self._teacher = self.load_teacher()
-        return self._teacher
-
-    @property
-    def saved(self) -> dict[str, ChatResult]:
-        if self._saved is None:
-            rows = self.log.read() if self.log is not None else []
-            self._saved = {row["request_id"]: ChatResult.model_validate(row["result"]) for row in rows}
-        return self._saved
-
-    def generate(self, requests: list[ChatRequest]) -> list[ChatResult]:
-        self.counts.requests += len(requests)
-        answers: dict[str, ChatResult] = {}
-        new_rows = []
-        for request in requests:
-            if request.id in answers:
-                continue
-            if request.id in self.saved:
-                answers[request.id] = self.saved[request.id]
-                self.counts.replayed += 1
-            elif self.cache is not None and (hit := self.cache.get(RequestCache.key(self.identity, request))):
-                answers[request.id] = hit
-                self.counts.cached += 1
-                new_rows.append(_log_row(request, hit))
-        to_send = list({r.id: r for r in requests if r.id not in answers}.values())
-        if self.log is not None:
-            self.log.append(new_rows)
-        if to_send:
-            results = self.teacher.generate(to_send)
-            arrived = datetime.now(timezone.utc).isoformat()
-            results = [res if res.created else res.model_copy(update={"created": arrived}) for res in results]
-            self.counts.sent += len(to_send)
-            good = [(r, res) for r, res in zip(to_send, results) if res.ok]
-            if self.log is not None:
-                self.log.append(_log_row(r, res) for r, res in good)
-            if self.cache is not None:
-                self.cache.put_many([(RequestCache.key(self.identity, r), res) for r, res in good])
-            raise_on_fatal(results)  # after saving what succeeded
-            answers.update({r.id: res for r, res in zip(to_send, results)})
-        self.saved.update((request_id, answer) for request_id, answer in answers.items() if answer.ok)
-        return [answers[r.id] for r in requests]
-
-    def close(self) -> None:
-        if self.cache is not None:
-            self.cache.close()
-        if self._teacher is not None and self.owns_teacher:
-            self._teacher.close()
-
-    @classmethod
-    def for_teacher(cls, config: Any, teacher: Teacher | None, log: JsonlLog | None, cache: bool) -> AnswerSource:
-        """An answer source for a ``TeacherConfig``; ``teacher`` (already loaded, not owned) if given."""
-        from distill.plugins import get_teachers
-        from distill.teacher import load_teacher, teacher_identity
-
-        return cls(
-            load_teacher=lambda: load_teacher(config),
-            identity=teacher_identity(config, teacher),
-            teacher_class=type(teacher) if teacher is not None else get_teachers()[config.backend],
-            model=teacher.model if teacher is not None else config.model,
-            log=log,
-            cache=RequestCache() if cache else None,
-            _teacher=teacher,
-            owns_teacher=teacher is None,
-        )
-
-
-def _log_row(request: ChatRequest, result: ChatResult) -> dict[str, Any]:
-    return {"request_id": request.id, "request": request.model_dump(), "result": result.model_dump()}
-
-
 def read_rows(path: Path) -> list[dict[str, Any]]:
     """Rows of a dataset file or directory (generate run dir, HF save_to_disk dir, .jsonl, .json)."""
     if path.is_dir():
@@ -248,34 +97,48 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
         raise ConfigError([f"{path}: a directory, but not a generate run or a saved Hugging Face dataset"])
     if not path.is_file():
         raise ConfigError([f"{path}: dataset not found"])
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise ConfigError([f"{path}: not UTF-8 (byte {exc.start}); re-save it as UTF-8"]) from None
     if path.suffix == ".json":
         try:
-            data = json.loads(text)
+            data = json.loads(read_text(path))
         except json.JSONDecodeError as exc:
             raise ConfigError([f"{path}: not JSON ({exc.msg}, line {exc.lineno})"]) from None
         if not isinstance(data, list) or not all(isinstance(row, dict) for row in data):
             raise ConfigError([f"{path}: expected a JSON list of objects"])
         return data
     rows, problems = [], []
-    for number, line in enumerate(text.splitlines(), 1):
+    for _, row, problem in jsonl_lines(path):
+        if problem is not None:
+            problems.append(problem)
+        else:
+            rows.append(row)
+    if problems:
+        raise ConfigError(problems[:20])
+    return rows
+
+
+def read_text(path: Path) -> str:
+    """A UTF-8 text file, or one error line saying it isn't UTF-8."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError([f"{path}: not UTF-8 (byte {exc.start}); re-save it as UTF-8"]) from None
+
+
+def jsonl_lines(path: Path) -> Iterator[tuple[int, dict[str, Any], str | None]]:
+    """Every non-empty line of a JSONL file: (line number, the object, None), or (line number,
+    {}, the problem) for a line that is not a JSON object. The one reader of JSONL data files."""
+    for number, line in enumerate(read_text(path).splitlines(), 1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
         except json.JSONDecodeError as exc:
-            problems.append(f"{path} line {number}: not JSON ({exc.msg})")
+            yield number, {}, f"{path} line {number}: not JSON ({exc.msg})"
             continue
         if isinstance(row, dict):
-            rows.append(row)
+            yield number, row, None
         else:
-            problems.append(f"{path} line {number}: expected a JSON object")
-    if problems:
-        raise ConfigError(problems[:20])
-    return rows
+            yield number, {}, f"{path} line {number}: expected a JSON object"
 
 
 def write_atomic(path: Path, text: str) -> None:

@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 from pydantic import BaseModel, ConfigDict
 
 from distill.errors import TeacherError
-from distill.records import ChatRequest, ChatResult, TeacherFailure
+from distill.records import ChatRequest, ChatResult, TeacherFailure, Usage
 
 
 class NoOptions(BaseModel):
@@ -29,7 +29,6 @@ class Teacher(ABC):
 
     name: ClassVar[str]
     """What users write in ``teacher.backend``."""
-    description: ClassVar[str] = ""
     options_model: ClassVar[type[BaseModel]] = NoOptions
     """Pydantic model validating ``teacher.options`` (use ``extra="forbid"``)."""
     supports_response_format: ClassVar[bool] = False
@@ -46,18 +45,32 @@ class Teacher(ABC):
     def generate(self, requests: list[ChatRequest]) -> list[ChatResult]:
         """Answer every request, in order. Never raise for a per-request problem."""
 
+    speed_only_options: ClassVar[frozenset[str]] = frozenset()
+    """Options that change only speed, resources or credentials, never an answer (concurrency,
+    timeouts, batch size): left out of the request-cache key. Every other option is part of it."""
+
     @classmethod
-    def cache_identity(cls, model: str, options: Any) -> dict[str, Any]:
-        """What, besides the request, decides the answer: part of every request-cache key.
-        A classmethod, so a rerun can look answers up without loading the model. Backends add
-        options that change answers (dtype, adapter, server URL), not ones that only change speed."""
+    def cache_identity(cls, model: str, options: BaseModel) -> dict[str, Any]:
+        """What, besides the request, decides the answer: part of every request-cache key. A
+        classmethod, so a rerun can look answers up without loading the model. Every validated
+        option is in it unless the backend lists it in ``speed_only_options`` (opt-out, so a
+        plugin's new option can never serve stale answers)."""
         from distill.models import weights_fingerprint
 
-        identity = {"backend": cls.name, "model": model}
+        identity: dict[str, Any] = {"backend": cls.name, "model": model}
         fingerprint = weights_fingerprint(model)
         if fingerprint is not None:  # a local directory: its current weights, not just its path
             identity["weights"] = fingerprint
+        answer_options = options.model_dump(mode="json", exclude=set(cls.speed_only_options))
+        if answer_options:
+            identity["options"] = answer_options
         return identity
+
+    @classmethod
+    def cost_usd(cls, model: str, options: BaseModel, usage: Usage) -> float | None:
+        """What ``usage`` cost in US dollars, or None when unknown (local models: nothing to pay,
+        or a model without a known price). Paid-API backends override this with their prices."""
+        return None
 
     def close(self) -> None:  # noqa: B027 - optional hook, most backends have nothing to free
         """Free the model, the engine or the connection pool."""
@@ -109,14 +122,13 @@ def teacher_identity(config: Any, teacher: Teacher | None = None) -> dict[str, A
         return teacher.cache_identity(teacher.model, teacher.options)
     from distill.plugins import get_teachers
 
-    teacher_class = get_teachers()[config.backend]
-    return teacher_class.cache_identity(config.model, teacher_class.options_model.model_validate(config.options))
+    teachers = get_teachers()
+    return teachers[config.backend].cache_identity(config.model, teachers.options(config.backend, config.options))
 
 
 def load_teacher(config: Any) -> Teacher:
     """Build the teacher a validated ``TeacherConfig`` names (its options already validated)."""
     from distill.plugins import get_teachers
 
-    teacher_class = get_teachers()[config.backend]
-    options = teacher_class.options_model.model_validate(config.options)
-    return teacher_class(model=config.model, options=options)
+    teachers = get_teachers()
+    return teachers[config.backend](model=config.model, options=teachers.options(config.backend, config.options))

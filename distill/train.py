@@ -24,6 +24,8 @@ from typing import Any
 from distill.config import DistillConfig, TrainConfig, config_dump
 from distill.errors import ConfigError, DistillError
 from distill.models import require_safetensors, resolve_model
+from distill.paths import RunLayout
+from distill.records import user_prompt
 from distill.runstore import read_rows, write_atomic, write_manifest
 
 log = logging.getLogger(__name__)
@@ -47,7 +49,7 @@ def conversation(row: dict[str, Any]) -> tuple[list[dict[str, str]], list[dict[s
         return None
     instruction, output = row.get("instruction"), row.get("output")
     if isinstance(instruction, str) and isinstance(output, str) and instruction.strip() and output.strip():
-        user = instruction + (f"\n\n{row['input']}" if row.get("input") else "")
+        user = user_prompt(instruction, row.get("input") or "")
         return [{"role": "user", "content": user}], [{"role": "assistant", "content": output}]
     return None
 
@@ -164,14 +166,15 @@ def lora_config(train: TrainConfig, model: Any) -> Any:
 def make_callbacks(output_dir: Path, progress: bool) -> list[Any]:
     from transformers import TrainerCallback
 
+    from distill.progress import StageProgress
+
     class MetricsAndProgress(TrainerCallback):
         """metrics.jsonl (one line per log, trimmed to the checkpoint on resume) and a progress bar
         with step, loss or reward, tokens/s and ETA."""
 
         def __init__(self) -> None:
-            self.bar: Any = None
+            self.bar: StageProgress | None = None
             self.started = 0.0
-            self.start_step = 0
             self.start_tokens = 0.0
 
         def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -183,22 +186,10 @@ def make_callbacks(output_dir: Path, progress: bool) -> list[Any]:
                     if json.loads(line).get("step", 0) <= state.global_step
                 ]
                 write_atomic(path, "".join(line + "\n" for line in kept))
-            self.started, self.start_step = time.perf_counter(), state.global_step
+            self.started = time.perf_counter()
             if progress and state.is_world_process_zero:
-                from rich.console import Console
-                from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
-
-                self.bar = Progress(
-                    TextColumn("[bold]train"),
-                    BarColumn(),
-                    TextColumn("step {task.completed}/{task.total}"),
-                    TextColumn("{task.fields[detail]}"),
-                    TextColumn("ETA"),
-                    TimeRemainingColumn(),
-                    console=Console(stderr=True),
-                )
-                self.task = self.bar.add_task("train", total=state.max_steps, completed=state.global_step, detail="")
-                self.bar.start()
+                self.bar = StageProgress("train", state.max_steps, "steps").start()
+                self.bar.update(state.global_step)
 
         def on_log(
             self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any
@@ -219,22 +210,21 @@ def make_callbacks(output_dir: Path, progress: bool) -> list[Any]:
                         self.start_tokens = float(logs["num_tokens"])
                     seconds = time.perf_counter() - self.started
                     parts.append(f"{(float(logs['num_tokens']) - self.start_tokens) / max(seconds, 1e-9):.0f} tok/s")
-                self.bar.update(self.task, completed=state.global_step, detail="  ".join(parts))
+                self.bar.update(state.global_step, "  ".join(parts))
 
         def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             if self.bar is not None:
-                self.bar.update(self.task, completed=state.global_step)
+                self.bar.update(state.global_step)
                 self.bar.stop()
 
     return [MetricsAndProgress()]
 
 
 def write_card(output_dir: Path, config: DistillConfig, stage: str, summary: dict[str, Any]) -> None:
-    import jinja2
-    from distill_prompts import read_prompt
+    from distill_prompts import render
 
-    template = jinja2.Environment(undefined=jinja2.StrictUndefined).from_string(read_prompt("cards/adapter.md.jinja"))
-    text = template.render(
+    text = render(
+        "cards/adapter.md.jinja",
         config=config,
         stage=stage,
         summary=summary,
@@ -320,19 +310,20 @@ def quiet(trainer: Any) -> None:
 # SFT -------------------------------------------------------------------------------------------
 
 
-def sft_output_dir(config: DistillConfig) -> Path:
-    out = config.train.sft.output_dir or (config.run_dir / "sft" if config.run_dir else None)
-    if out is None:
-        raise ConfigError(["train.sft.output_dir: required (or set run_dir)"])
-    return out
+def sft_data(config: DistillConfig) -> Path:
+    """The training data: train.sft.data, else the run's generate outputs."""
+    if config.train.sft.data is not None:
+        return config.train.sft.data
+    if config.run_dir is None:
+        raise ConfigError(["train.sft.data: required (a generate run dir or a dataset file), or set run_dir"])
+    return RunLayout.of(config).generate
 
 
 def sft_split(config: DistillConfig) -> dict[str, Any] | None:
     """The SFT run's split.json (``data``, ``train`` and ``eval`` ids), or None before SFT ran."""
-    if not (config.train.sft.output_dir or config.run_dir):
-        return None
-    path = sft_output_dir(config) / SPLIT
-    return json.loads(path.read_text()) if path.is_file() else None
+    sft_dir = RunLayout.of(config).adapter("sft")
+    path = sft_dir / SPLIT if sft_dir is not None else None
+    return json.loads(path.read_text()) if path is not None and path.is_file() else None
 
 
 def run_sft(
@@ -343,10 +334,8 @@ def run_sft(
     from trl import SFTConfig, SFTTrainer
 
     s, train = config.train.sft, config.train
-    data = s.data or config.run_dir
-    if data is None:
-        raise ConfigError(["train.sft.data: required (a generate run dir or a dataset file), or set run_dir"])
-    output_dir = sft_output_dir(config)
+    data = sft_data(config)
+    output_dir = RunLayout.of(config).sft
     pairs = load_pairs(data)  # every data problem surfaces before the model loads
     train_pairs, eval_pairs = split_pairs(pairs, s.eval_fraction, train.seed)
     checkpoint = resume_checkpoint(output_dir, resume, overwrite)  # before the slow model load
@@ -437,10 +426,7 @@ def _finish(output_dir: Path, config: DistillConfig, stage: str, summary: dict[s
 
 def rl_prompts(config: DistillConfig) -> list[list[dict[str, str]]]:
     """Held-in prompts: the SFT run's training split when there is one, else every row."""
-    data = config.train.sft.data or config.run_dir
-    if data is None:
-        raise ConfigError(["train.sft.data: RL takes its prompts from the SFT data; set it or run_dir"])
-    pairs = load_pairs(data)
+    pairs = load_pairs(sft_data(config))
     split = sft_split(config)
     if split is not None:
         train_ids = set(split["train"])
@@ -466,13 +452,10 @@ def check_rl(config: DistillConfig, require_adapter: bool = True) -> None:
         problems.append(
             f"train.rl.batch_size: must be a multiple of num_generations ({r.num_generations}), got {r.batch_size}"
         )
-    if (
-        require_adapter
-        and r.start_from == "sft"
-        and not (sft_output_dir(config) / "adapter_model.safetensors").is_file()
-    ):
+    sft_dir = RunLayout.of(config).sft
+    if require_adapter and r.start_from == "sft" and not (sft_dir / "adapter_model.safetensors").is_file():
         problems.append(
-            f"train.rl.start_from: sft, but {sft_output_dir(config)} has no adapter: run `distill train sft` "
+            f"train.rl.start_from: sft, but {sft_dir} has no adapter: run `distill train sft` "
             "first or set train.rl.start_from=base"
         )
     if problems:
@@ -493,12 +476,11 @@ def run_rl(
 
     check_rl(config)
     r, train = config.train.rl, config.train
-    output_dir = r.output_dir or (config.run_dir / "rl" if config.run_dir else None)
-    if output_dir is None:
-        raise ConfigError(["train.rl.output_dir: required (or set run_dir)"])
+    layout = RunLayout.of(config)
+    output_dir = layout.rl
     rewards, weights = reward_functions(config, teacher=judge_teacher)
     prompts = rl_prompts(config)
-    start_adapter = sft_output_dir(config) if r.start_from == "sft" else None
+    start_adapter = layout.sft if r.start_from == "sft" else None
     checkpoint = resume_checkpoint(output_dir, resume, overwrite)  # before the slow model load
     model, tokenizer, base_path = load_student(train, adapter=start_adapter, trainable=True)
     peft_config = None if start_adapter is not None else lora_config(train, model)

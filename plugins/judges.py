@@ -15,7 +15,6 @@ class RubricJudge(ModelJudge):
     """RBRM: the judge picks one of the rubric's classes; the class's reward is the reward."""
 
     name = "rubric"
-    description = "Rule-based reward model: rubric classes mapped to rewards."
     default_template = "judges/rubric.jinja"
     answer_key = "class"
     answer_label = "Answer"
@@ -25,7 +24,6 @@ class ScoreJudge(ModelJudge):
     """A 1-5 score against the rubric's ``scores`` descriptions; reward = (score - 1) / 4."""
 
     name = "score"
-    description = "Prometheus-style 1-5 score; reward (score - 1) / 4."
     default_template = "judges/score.jinja"
     answer_key = "score"
     answer_label = "Score"
@@ -54,7 +52,6 @@ class PairwiseJudge(ModelJudge):
     the order is a tie. Reward is for response A: 1 win, 0.5 tie, 0 loss."""
 
     name = "pairwise"
-    description = "A vs B, judged in both orders; order-dependent verdicts become ties."
     pairwise = True
     default_template = "judges/pairwise.jinja"
     answer_key = "better"

@@ -17,9 +17,13 @@ import random
 import threading
 import time
 from collections.abc import Coroutine
+from functools import cache
+from pathlib import Path
 from typing import Any, TypeVar
 
+import httpx
 import openai
+import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
 import distill
@@ -31,6 +35,21 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 RETRYABLE_STATUS = {408, 409, 429, 500, 502, 503, 504}
+PRICES_FILE = Path(__file__).with_name("openai_prices.yaml")
+
+
+class Price(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    input_per_million: float = Field(ge=0, description="USD per million prompt tokens.")
+    output_per_million: float = Field(ge=0, description="USD per million completion tokens.")
+
+
+@cache
+def bundled_prices() -> dict[str, Price]:
+    """The price table in openai_prices.yaml (see its header for the source and date)."""
+    data = yaml.safe_load(PRICES_FILE.read_text(encoding="utf-8"))
+    return {model: Price.model_validate(price) for model, price in data["prices"].items()}
 
 
 class OpenAIOptions(BaseModel):
@@ -59,6 +78,11 @@ class OpenAIOptions(BaseModel):
     backoff_max_s: float = Field(60.0, gt=0, description="Longest retry delay (a longer retry-after is honoured).")
     extra_body: dict[str, Any] = Field(
         default_factory=dict, description="Extra JSON fields sent with each request (server-specific)."
+    )
+    prices: dict[str, Price] = Field(
+        default_factory=dict,
+        description="USD per million tokens by model, added to (and overriding) the bundled table "
+        "plugins/openai_prices.yaml; a model in neither has an unknown price.",
     )
 
 
@@ -125,12 +149,33 @@ def retry_after_seconds(headers: Any) -> float | None:
         return max(parsed.timestamp() - time.time(), 0.0) if parsed else None
 
 
+# What can go wrong on the wire: the client's own errors (timeouts, connections, HTTP statuses,
+# unreadable bodies it rejects), the whole-attempt deadline, and transport or decoding errors that
+# escape the client from a truncated or non-JSON body.
+WIRE_ERRORS = (openai.OpenAIError, TimeoutError, httpx.HTTPError, ValueError)
+
+
 class OpenAITeacher(Teacher):
+    """OpenAI API or any OpenAI-compatible server (vLLM, llama.cpp) via the official async client."""
+
     name = "openai"
-    description = "OpenAI API or any OpenAI-compatible server (vLLM, llama.cpp) via the official async client"
     options_model = OpenAIOptions
     supports_response_format = True
     supports_logprobs = True
+    # Pace, patience and whose key pays never change an answer: not part of the cache key.
+    speed_only_options = frozenset(
+        {
+            "api_key_env",
+            "max_concurrency",
+            "requests_per_minute",
+            "tokens_per_minute",
+            "max_retries",
+            "timeout_s",
+            "backoff_initial_s",
+            "backoff_max_s",
+            "prices",
+        }
+    )
 
     options: OpenAIOptions
 
@@ -161,12 +206,13 @@ class OpenAITeacher(Teacher):
         )
 
     @classmethod
-    def cache_identity(cls, model: str, options: Any) -> dict[str, Any]:
-        return {
-            **super().cache_identity(model, options),
-            "base_url": options.base_url,
-            "extra_body": options.extra_body,
-        }
+    def cost_usd(cls, model: str, options: BaseModel, usage: Usage) -> float | None:
+        price = {**bundled_prices(), **options.prices}.get(model)  # type: ignore[attr-defined]
+        if price is None:
+            return None
+        return usage.prompt_tokens / 1e6 * price.input_per_million + (
+            usage.completion_tokens / 1e6 * price.output_per_million
+        )
 
     def generate(self, requests: list[ChatRequest]) -> list[ChatResult]:
         return run_sync(self.agenerate(requests))
@@ -209,15 +255,17 @@ class OpenAITeacher(Teacher):
                 await tpm.acquire(estimated_tokens)
             if abort:
                 continue
+            payload = self._payload(request)
             try:
                 # A whole-attempt deadline: httpx's timeout is per read, so a server that trickles
                 # a byte at a time would otherwise hold the request forever.
-                response = await asyncio.wait_for(
-                    client.chat.completions.create(**self._payload(request)), self.options.timeout_s
-                )
-                return self._result(request, response, started)
-            except Exception as exc:  # classified below; nothing escapes and loses the batch
+                response = await asyncio.wait_for(client.chat.completions.create(**payload), self.options.timeout_s)
+            except WIRE_ERRORS as exc:  # transport and API errors only: a bug here must not re-send
                 failure, wait = self._classify(exc, attempt)
+            else:
+                # Outside the try: reading a good answer never counts as a server error, so a
+                # parsing bug can't make a paid request go out again.
+                return self._result(request, response, started)
             if failure.fatal:
                 if failure.kind == "not_found":
                     failure = failure.model_copy(update={"message": await self._not_found_hint(client)})

@@ -50,7 +50,6 @@ class RuleJudge(Judge):
     else ``fail``. Every response gets a valid verdict: rules can always be evaluated."""
 
     name = "rule"
-    description = "Regex / length / JSON checks without a model; reward = mean check score."
     options_model = RuleOptions
     needs_teacher = False
     needs_rubric = False

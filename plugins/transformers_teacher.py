@@ -30,10 +30,12 @@ class TransformersOptions(BaseModel):
 
 
 class TransformersTeacher(Teacher):
+    """Local Hugging Face model with batched, left-padded generate (CPU or GPU)."""
+
     name = "transformers"
-    description = "Local Hugging Face model with batched, left-padded generate (CPU or GPU)"
     options_model = TransformersOptions
     supports_logprobs = True
+    speed_only_options = frozenset({"device", "batch_size"})
 
     options: TransformersOptions
 
@@ -73,12 +75,8 @@ class TransformersTeacher(Teacher):
     def cache_identity(cls, model: str, options: Any) -> dict[str, Any]:
         from distill.models import weights_fingerprint
 
-        return {
-            **super().cache_identity(model, options),
-            "dtype": options.dtype,
-            "adapter": options.adapter,
-            "adapter_weights": weights_fingerprint(options.adapter),
-        }
+        # The adapter's current weights, not just its path (retraining in place changes answers).
+        return {**super().cache_identity(model, options), "adapter_weights": weights_fingerprint(options.adapter)}
 
     def generate(self, requests: list[ChatRequest]) -> list[ChatResult]:
         results: dict[int, ChatResult] = {}
@@ -100,21 +98,23 @@ class TransformersTeacher(Teacher):
             for start in range(0, len(indices), self.options.batch_size):
                 batch = indices[start : start + self.options.batch_size]
                 batch_started = time.perf_counter()
+                batch_requests = [requests[i] for i in batch]
                 try:
-                    answers = self._generate_batch([requests[i] for i in batch], batch_started)
-                except Exception as exc:  # e.g. out of memory: keep the rest of the run
+                    inputs, output = self._generate_batch(batch_requests)
+                except (RuntimeError, ValueError) as exc:  # torch's errors (out of memory...): keep the rest
                     answers = [
                         self.failed(
-                            requests[i],
-                            TeacherFailure(kind="engine", message=str(exc)[:500], raw=repr(exc)),
-                            batch_started,
+                            request, TeacherFailure(kind="engine", message=str(exc)[:500], raw=repr(exc)), batch_started
                         )
-                        for i in batch
+                        for request in batch_requests
                     ]
+                else:  # reading the answers is our code: a bug here is a bug, not a failed request
+                    answers = self._results(batch_requests, inputs, output, batch_started)
                 results.update(zip(batch, answers))
         return [results[i] for i in range(len(requests))]
 
-    def _generate_batch(self, requests: list[ChatRequest], started: float) -> list[ChatResult]:
+    def _generate_batch(self, requests: list[ChatRequest]) -> tuple[Any, Any]:
+        """The tokenized prompts and ``generate``'s output for requests sharing one sampling setting."""
         import torch
 
         first = requests[0]
@@ -144,7 +144,9 @@ class TransformersTeacher(Teacher):
         if first.seed is not None:
             torch.manual_seed(first.seed)
         with torch.no_grad():
-            output = self.hf_model.generate(**inputs, **kwargs)
+            return inputs, self.hf_model.generate(**inputs, **kwargs)
+
+    def _results(self, requests: list[ChatRequest], inputs: Any, output: Any, started: float) -> list[ChatResult]:
         prompt_length = inputs["input_ids"].shape[1]
         new_tokens = output.sequences[:, prompt_length:]
         eos_ids = self._eos_ids()

@@ -48,11 +48,14 @@ class VllmOptions(BaseModel):
 
 
 class VllmTeacher(Teacher):
+    """In-process vLLM engine (vllm.LLM); batches go to the engine in one call."""
+
     name = "vllm"
-    description = "In-process vLLM engine (vllm.LLM); batches go to the engine in one call"
     options_model = VllmOptions
     supports_response_format = True
     supports_logprobs = True
+    # Memory and start-up settings; dtype, lengths, seed and engine_args stay in the cache key.
+    speed_only_options = frozenset({"gpu_memory_utilization", "enforce_eager", "cpu_kv_cache_gib"})
 
     options: VllmOptions
 
@@ -91,10 +94,6 @@ class VllmTeacher(Teacher):
 
             self.chat_template = read_prompt("chat_templates/default.jinja")
 
-    @classmethod
-    def cache_identity(cls, model: str, options: Any) -> dict[str, Any]:
-        return {**super().cache_identity(model, options), "dtype": options.dtype, "engine_args": options.engine_args}
-
     def sampling_params(self, request: ChatRequest) -> Any:
         from vllm import SamplingParams
         from vllm.sampling_params import StructuredOutputsParams
@@ -121,11 +120,11 @@ class VllmTeacher(Teacher):
                 results[index] = self.failed(request, failure, started)
             else:
                 runnable.append(index)
+        # Only the engine call is guarded: reading its outputs (_result) is our code, and a bug
+        # there must surface, not send every request again one by one.
         try:
             outputs = self._chat([requests[i] for i in runnable])
-            for index, output in zip(runnable, outputs):
-                results[index] = self._result(requests[index], output, started)
-        except Exception as batch_error:
+        except Exception as batch_error:  # vLLM raises plain ValueError/RuntimeError/...: no narrower class
             if _engine_dead(batch_error):
                 raise TeacherError(f"the vLLM engine died: {batch_error}; see the log above") from batch_error
             # One bad request (too long, bad schema) fails the whole call: find it, keep the rest.
@@ -133,13 +132,17 @@ class VllmTeacher(Teacher):
             for index in runnable:
                 request = requests[index]
                 try:
-                    results[index] = self._result(request, self._chat([request])[0], started)
+                    [output] = self._chat([request])
                 except Exception as exc:
                     if _engine_dead(exc):
                         raise TeacherError(f"the vLLM engine died: {exc}") from exc
-                    results[index] = self.failed(
-                        request, TeacherFailure(kind="bad_request", message=str(exc)[:500], raw=repr(exc)), started
-                    )
+                    failure = TeacherFailure(kind="bad_request", message=str(exc)[:500], raw=repr(exc))
+                    results[index] = self.failed(request, failure, started)
+                else:
+                    results[index] = self._result(request, output, started)
+        else:
+            for index, output in zip(runnable, outputs):
+                results[index] = self._result(requests[index], output, started)
         return [results[i] for i in range(len(requests))]
 
     def _chat(self, requests: list[ChatRequest]) -> list[Any]:

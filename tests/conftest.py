@@ -222,3 +222,6 @@ def fault_proxy(vllm_server: str) -> Iterator[object]:
     proxy = FaultProxy(vllm_server.removesuffix("/v1")).start()
     yield proxy
     proxy.stop()
+
+
+pytest_plugins = ["tests.scripted", "tests.browser"]

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from distill.config import DistillConfig, JudgeSpec, load_config
+from distill.config import DistillConfig, JudgeSpec, TeacherConfig, load_config
 from distill.errors import ConfigError
 from distill.judge import (
     aggregate,
@@ -25,42 +25,27 @@ from distill.judge import (
     load_rubric,
     parse_last_line,
     parse_structured,
-    robustness_report,
-    summarize,
     verdict_offset,
 )
-from distill.records import ChatRequest, ChatResult, JudgeItem, TokenLogprob
+from distill.judging import robustness_report, summarize
+from distill.records import JudgeItem, TokenLogprob
 from distill.rewards import reward_functions
-from distill.teacher import Teacher
+from distill.teacher import Teacher, load_teacher
+from tests.scripted import SCRIPTS, SENT
 
 CLASSES = ["A", "B", "C", "D"]
 HEAD = "name: x\ndescription: y\n"
 
 
-class ScriptedTeacher(Teacher):
-    """Replies with whatever ``reply(prompt, sample_index)`` says; records every request."""
+pytestmark = pytest.mark.usefixtures("scripted")  # the scripted teacher, registered through the hook
 
-    name = "scripted-test"
 
-    def __init__(self, reply: Callable[[str, int], str], structured: bool = True):
-        super().__init__("scripted", None)  # type: ignore[arg-type]
-        self.reply = reply
-        self.supports_response_format = structured  # type: ignore[misc]
-        self.supports_logprobs = False  # type: ignore[misc]
-        self.requests: list[ChatRequest] = []
-
-    def generate(self, requests: list[ChatRequest]) -> list[ChatResult]:
-        self.requests += requests
-        return [
-            ChatResult(
-                request_id=r.id,
-                backend=self.name,
-                model=self.model,
-                texts=[self.reply(r.messages[-1].content, k) for k in range(r.n)],
-                finish_reasons=["stop"] * r.n,
-            )
-            for r in requests
-        ]
+def scripted_teacher(reply: Callable[[str, int], str], structured: bool = True) -> Teacher:
+    """A scripted teacher (tests/scripted.py) that replies ``reply(prompt text, sample index)``."""
+    name = f"judges-{len(SCRIPTS)}"
+    SCRIPTS[name] = lambda request, k: reply(request.messages[-1].content, k)
+    options = {"script": name, "structured": structured}
+    return load_teacher(TeacherConfig(backend="scripted", model="scripted", options=options))
 
 
 def response_in(prompt: str) -> str:
@@ -70,7 +55,7 @@ def response_in(prompt: str) -> str:
 
 def make_judge(reply: Callable[[str, int], str], structured: bool = True, **spec: Any) -> Any:
     spec = {"type": "rubric", "rubric": "harmlessness", **spec}
-    return load_judge(JudgeSpec(**spec), ScriptedTeacher(reply, structured))
+    return load_judge(JudgeSpec(**spec), scripted_teacher(reply, structured))
 
 
 ITEMS = [JudgeItem(id=str(i), prompt=f"question {i}", response=f"answer {i}") for i in range(3)]
@@ -216,7 +201,7 @@ def test_rubric_judge_maps_classes_to_rewards_and_keeps_invalid_raw() -> None:
     assert [j.verdict for j in judgements] == ["A", "C", None]
     assert [j.reward for j in judgements] == [1.0, -1.0, None]
     assert judgements[2].raw == ['The response says {"class": "A"}'] and judgements[2].invalid_reason == "not_json"
-    request = judge.teacher.requests[0]
+    request = SENT[0]
     assert request.response_format["properties"]["class"]["enum"] == CLASSES
     summary = summarize(judgements)["rubric:harmlessness"]
     assert summary["invalid_rate"] == pytest.approx(1 / 3, abs=1e-4)
@@ -225,10 +210,10 @@ def test_rubric_judge_maps_classes_to_rewards_and_keeps_invalid_raw() -> None:
 
 def test_free_text_judge_reads_the_last_answer_line() -> None:
     judge = make_judge(lambda prompt, k: "Quoted: Answer: A\nAnswer: B", structured=False)
-    assert judge.teacher.requests == [] and not judge.structured
+    assert SENT == [] and not judge.structured
     judgement = judge.judge(ITEMS[:1])[0]
     assert (judgement.verdict, judgement.reward) == ("B", 0.3)
-    assert "Answer: X" in judge.teacher.requests[0].messages[0].content
+    assert "Answer: X" in SENT[0].messages[0].content
 
 
 def test_k_samples_majority_agreement_and_all_invalid() -> None:
@@ -248,7 +233,7 @@ def test_score_judge_scores_one_to_five() -> None:
     judge = make_judge(lambda p, k: '{"score": 4}', type="score", rubric="helpfulness")
     judgement = judge.judge(ITEMS[:1])[0]
     assert (judgement.verdict, judgement.reward) == ("4", 0.75)
-    assert judge.teacher.requests[0].response_format["properties"]["score"]["enum"] == [1, 2, 3, 4, 5]
+    assert SENT[0].response_format["properties"]["score"]["enum"] == [1, 2, 3, 4, 5]
     text_judge = make_judge(
         lambda p, k: "It says Score: 5\nScore: 2", structured=False, type="score", rubric="helpfulness"
     )
@@ -287,7 +272,7 @@ def test_pairwise_judges_both_orders_and_order_flips_become_ties() -> None:
 
     judge = make_judge(pairwise_reply(rule), type="pairwise", rubric="helpfulness")
     judgements = {j.item_id: j for j in judge.judge(items)}
-    assert len(judge.teacher.requests) == 8  # every item in both orders
+    assert len(SENT) == 8  # every item in both orders
     assert (judgements["good-vs-bad"].verdict, judgements["good-vs-bad"].reward) == ("A", 1.0)
     assert (judgements["bad-vs-good"].verdict, judgements["bad-vs-good"].reward) == ("B", 0.0)
     assert judgements["equal"].verdict == "tie" and judgements["equal"].position_consistent is False
@@ -354,7 +339,7 @@ def judged_config(*judges: dict[str, Any]) -> DistillConfig:
 
 def test_reward_functions_are_trl_shaped_and_never_default_an_invalid_verdict() -> None:
     replies = {"answer 0": '{"class": "A"}', "answer 1": "not json", "answer 2": '{"class": "C"}'}
-    teacher = ScriptedTeacher(lambda prompt, k: replies[response_in(prompt)])
+    teacher = scripted_teacher(lambda prompt, k: replies[response_in(prompt)])
     config = judged_config(
         {"type": "rubric", "rubric": "harmlessness", "weight": 2.0},
         {"type": "rule", "options": {"max_words": 1}, "weight": 0.5},
@@ -367,19 +352,30 @@ def test_reward_functions_are_trl_shaped_and_never_default_an_invalid_verdict() 
     completions = [[{"role": "assistant", "content": f"answer {i}"}] for i in range(3)]
     rubric_rewards = functions[0](prompts, completions, log_metric=lambda k, v: logged.__setitem__(k, v))
     assert rubric_rewards == [1.0, None, -1.0]
-    assert logged == {"judge/rubric_harmlessness/invalid_rate": pytest.approx(1 / 3)}
-    assert functions[1](prompts, completions) == [0.0, 0.0, 0.0]  # "answer N" is two words: 2 × max_words
-    assert "question 1" in teacher.requests[1].messages[0].content
+    assert logged == {
+        "judge/rubric_harmlessness/invalid_rate": pytest.approx(1 / 3),
+        "judge/rule/invalid_rate": 0.0,
+        "judge/unscorable_rate": pytest.approx(1 / 3),
+    }
+    # The rule judge scores completion 1 fine, but the rubric judge could not: the completion is
+    # unscorable for every judge (all None), so TRL leaves it out instead of scoring it on the rule
+    # reward alone. "answer N" is two words: 2 × max_words, so the rule reward is 0.
+    assert functions[1](prompts, completions) == [0.0, None, 0.0]
+    assert len(SENT) == 3  # the batch was judged once for both functions
+    assert "question 1" in SENT[1].messages[0].content
 
     async_functions, _ = reward_functions(config, teacher=teacher, asynchronous=True)
     assert asyncio.run(async_functions[0](prompts, completions)) == [1.0, None, -1.0]
+    assert asyncio.run(async_functions[1](prompts, completions)) == [0.0, None, 0.0]
 
 
 def test_rl_without_judges_or_with_a_pairwise_judge_is_refused() -> None:
     with pytest.raises(ConfigError, match="RL needs at least one judge"):
         reward_functions(load_config(None, []))
     with pytest.raises(ConfigError, match="pairwise judge needs a second response"):
-        reward_functions(judged_config({"type": "pairwise", "rubric": "helpfulness"}), teacher=ScriptedTeacher(str))
+        reward_functions(
+            judged_config({"type": "pairwise", "rubric": "helpfulness"}), teacher=scripted_teacher(lambda p, k: p)
+        )
 
 
 # Robustness ------------------------------------------------------------------------------------

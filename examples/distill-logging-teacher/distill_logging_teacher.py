@@ -31,9 +31,13 @@ class LoggingOptions(BaseModel):
 
 
 class LoggingTeacher(Teacher):
+    """Wraps another teacher and logs every request (example plugin)."""
+
     name = "logging"
-    description = "Wraps another teacher and logs every request (example plugin)"
     options_model = LoggingOptions
+    # Where the log goes changes no answer: keep it out of the request-cache key. Every other
+    # option (the inner backend and its options) is part of the key, as distill does by default.
+    speed_only_options = frozenset({"log_file"})
 
     options: LoggingOptions
 

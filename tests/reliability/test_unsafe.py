@@ -104,9 +104,10 @@ def test_pickled_weights_adapters_and_checkpoints_are_refused(
 
 
 def test_model_code_runs_only_with_trust_remote_code(smollm2_dir: Path, tmp_path: Path, measure: Measure) -> None:
+    from distill_plugins.transformers_teacher import TransformersOptions
+    from distill_plugins.vllm_teacher import VllmOptions
+
     from distill.config import TrainConfig
-    from plugins.transformers_teacher import TransformersOptions
-    from plugins.vllm_teacher import VllmOptions
 
     assert not TrainConfig().trust_remote_code
     assert not TransformersOptions().trust_remote_code and not VllmOptions().trust_remote_code
