@@ -27,15 +27,17 @@ EXAMPLE_PLUGIN = REPO / "examples" / "distill-logging-teacher"
 
 
 @pytest.fixture(scope="session")
-def example_plugin() -> str:
-    """The example plugin package, installed into the test environment like a user would."""
-    try:
-        importlib.metadata.distribution("distill-logging-teacher")
-    except importlib.metadata.PackageNotFoundError:
-        subprocess.run(
-            [sys.executable, "-m", "pip", "install", "--no-deps", "-q", "-e", str(EXAMPLE_PLUGIN)], check=True
-        )
-    return "logging_teacher"
+def example_plugin(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """The example plugin package, installed like a user would (pip, found through its entry point)
+    but into a throwaway folder put on PYTHONPATH, so it never stays in the test environment.
+    Yields the environment for `run_distill` and the plugin's entry-point name as ``name``."""
+    target = tmp_path_factory.mktemp("example-plugin")
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation"]
+        + ["--target", str(target), str(EXAMPLE_PLUGIN)],
+        check=True,
+    )
+    return {"PYTHONPATH": str(target), "name": "logging_teacher"}
 
 
 class EchoTeacher(Teacher):
@@ -116,31 +118,36 @@ def test_two_plugins_with_one_name_is_an_error(echo_plugin: None) -> None:
         get_teachers.cache_clear()
 
 
-def test_entry_point_plugin_is_listed_with_what_it_registered(example_plugin: str) -> None:
-    result = run_distill("plugins", "--json")
+def test_entry_point_plugin_is_listed_with_what_it_registered(example_plugin: dict[str, str]) -> None:
+    name, env = example_plugin["name"], {"PYTHONPATH": example_plugin["PYTHONPATH"]}
+    assert run_distill("plugins", "--json").stdout.count(name) == 0  # not in the test environment itself
+    result = run_distill("plugins", "--json", env=env)
     assert result.returncode == 0, result.stderr
     plugins = {entry["name"]: entry for entry in json.loads(result.stdout)}
-    assert plugins[example_plugin]["teachers"] == ["logging"]
-    assert plugins[example_plugin]["hooks"] == ["register_commands", "register_teachers"]
-    assert plugins[example_plugin]["package"] == "distill-logging-teacher 0.1.0"
+    assert plugins[name]["teachers"] == ["logging"]
+    assert plugins[name]["hooks"] == ["register_commands", "register_teachers"]
+    assert plugins[name]["package"] == "distill-logging-teacher 0.1.0"
+    assert plugins[name]["about"]["teachers"]["logging"].startswith("Wraps another teacher")
     assert plugins["distill_plugins.vllm_teacher"]["teachers"] == ["vllm"]
 
 
-def test_distill_load_plugins_limits_installed_plugins(example_plugin: str) -> None:
-    none = json.loads(run_distill("plugins", "--json", env={"DISTILL_LOAD_PLUGINS": ""}).stdout)
+def test_distill_load_plugins_limits_installed_plugins(example_plugin: dict[str, str]) -> None:
+    name, env = example_plugin["name"], {"PYTHONPATH": example_plugin["PYTHONPATH"]}
+    none = json.loads(run_distill("plugins", "--json", env={**env, "DISTILL_LOAD_PLUGINS": ""}).stdout)
     assert [entry["name"] for entry in none] == list(DEFAULT_PLUGINS)
-    only = json.loads(run_distill("plugins", "--json", env={"DISTILL_LOAD_PLUGINS": example_plugin}).stdout)
-    assert example_plugin in [entry["name"] for entry in only]
-    missing = run_distill("plugins", env={"DISTILL_LOAD_PLUGINS": "nope"})
+    only = json.loads(run_distill("plugins", "--json", env={**env, "DISTILL_LOAD_PLUGINS": name}).stdout)
+    assert name in [entry["name"] for entry in only]
+    missing = run_distill("plugins", env={**env, "DISTILL_LOAD_PLUGINS": "nope"})
     assert missing.returncode == 2
     assert "DISTILL_LOAD_PLUGINS: no installed plugin 'nope'; installed: " in missing.stderr
-    assert example_plugin in missing.stderr
+    assert name in missing.stderr
 
 
 @pytest.mark.slow
 def test_example_plugin_teacher_and_command_work_end_to_end(
-    example_plugin: str, smollm2_dir: Path, tmp_path: Path
+    example_plugin: dict[str, str], smollm2_dir: Path, tmp_path: Path
 ) -> None:
+    env = {"PYTHONPATH": example_plugin["PYTHONPATH"]}
     log_file = tmp_path / "teacher-log.jsonl"
     result = run_distill(
         "ask",
@@ -153,13 +160,14 @@ def test_example_plugin_teacher_and_command_work_end_to_end(
         "--set",
         f"teacher.options.log_file={log_file}",
         "What is the capital of France?",
+        env=env,
     )
     assert result.returncode == 0, result.stderr
     assert "Paris" in result.stdout
     rows = [json.loads(line) for line in log_file.read_text().splitlines()]
     assert len(rows) == 1 and rows[0]["backend"] == "transformers" and rows[0]["error"] is None
     assert rows[0]["completion_tokens"] > 0
-    summary = run_distill("teacher-log", str(log_file))
+    summary = run_distill("teacher-log", str(log_file), env=env)
     assert summary.stdout.strip() == f"1 requests, 0 failed, {rows[0]['completion_tokens']} completion tokens"
 
 
