@@ -154,7 +154,7 @@ def training_signal(layout: RunLayout) -> dict[str, Any]:
     path = layout.adapter("rl")
     rows = [r for r in read_jsonl(path / "metrics.jsonl") if "reward" in r] if path is not None else []
     if not rows:
-        return {}
+        return {"rl": None}
     flat = [r.get("frac_reward_zero_std") for r in rows]
     known = [f for f in flat if f is not None]
     rl = {

@@ -42,6 +42,7 @@ class ScriptedTeacher(Teacher):
 
     name = "scripted"
     options_model = ScriptedOptions
+    supports_response_format = True  # what callers that don't load the teacher see (AnswerSource)
     supports_logprobs = False
 
     options: ScriptedOptions
