@@ -4,8 +4,10 @@ Both make the keep/reject decision "ROUGE-L F >= 0.7 against any kept instructio
 instruction stream. Alpaca's procedure is run as Alpaca wrote it (the ``rouge-score`` package,
 every candidate against every kept instruction) at N where that is affordable, and its time is
 extrapolated to larger N by its quadratic cost; distill's index is run at every N, 52k included.
+``agreement`` is the share of identical decisions: 1.0, since distill computes rouge-score's F to
+the bit and compares it the same way.
 
-    python bench/dedup.py [--sizes 2000 5000 10000] [--alpaca-max 5000]
+    python -m bench.dedup [--sizes 2000 5000 10000] [--alpaca-max 5000]
 
 The stream is synthetic but instruction-like (templates × topics × wording variants), with the
 near-duplicates a real self-instruct run produces.

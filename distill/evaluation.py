@@ -21,7 +21,8 @@ from distill.errors import ConfigError
 from distill.paths import RunLayout
 from distill.records import JudgeItem
 from distill.runstore import JsonlLog, unmark_finished, write_atomic, write_manifest
-from distill.tasks import Question, Task, bootstrap_interval
+from distill.stats import bootstrap_interval
+from distill.tasks import Question, Task
 
 PREDICTIONS = "predictions.jsonl"
 STYLE = "style.jsonl"

@@ -521,7 +521,8 @@ def run_rl(
     seconds = time.perf_counter() - started
     if trainer.is_world_process_zero():
         save_adapter(trainer, tokenizer, output_dir)
-    judged = sum(f.judged for f in rewards)
+    panel = rewards[0].panel
+    verdicts = panel.judged * len(rewards)
     summary = {
         "stage": "rl",
         "algorithm": r.algorithm,
@@ -533,7 +534,8 @@ def run_rl(
         "resumed_from": Path(checkpoint).name if checkpoint else None,
         "seconds": round(seconds, 1),
         "judges": [f.__name__ for f in rewards],
-        "invalid_verdict_rate": round(sum(f.invalid for f in rewards) / judged, 4) if judged else None,
+        "invalid_verdict_rate": round(sum(panel.invalid.values()) / verdicts, 4) if verdicts else None,
+        "unscorable_rate": round(panel.unscorable / panel.judged, 4) if panel.judged else None,
         "metrics": {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))},
     }
     if trainer.is_world_process_zero():

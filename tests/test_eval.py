@@ -5,7 +5,6 @@ arithmetic, and the report rendered from evaluation outputs."""
 from __future__ import annotations
 
 import json
-from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
@@ -13,17 +12,8 @@ import pytest
 from distill.config import load_config
 from distill.errors import ConfigError
 from distill.evaluation import load_tasks
-from distill.tasks import (
-    Question,
-    bootstrap_interval,
-    choice_letter,
-    contains_match,
-    exact_match,
-    first_line,
-    gap_closed,
-    gap_closed_interval,
-    normalize,
-)
+from distill.stats import bootstrap_interval, gap_closed, gap_closed_interval
+from distill.tasks import Question, choice_letter, contains_match, exact_match, first_line, normalize
 
 
 @pytest.mark.parametrize(
@@ -65,9 +55,9 @@ def test_the_prediction_is_the_first_line() -> None:
     from distill_plugins.tasks import CountriesOptions, CountriesTask
 
     task = CountriesTask(CountriesOptions())
-    question = Question(id="q", question="What is the capital of France?", answers=["Paris"])
-    assert task.score(question, "Paris\nLyon is not.") == {"exact": True, "correct": True}
-    assert task.score(question, "Lyon\nParis is the capital.") == {"exact": False, "correct": False}
+    question = Question(id="q", question="What is the capital of France?", answers=["Paris"], kind="capital")
+    assert task.score(question, "Paris\nLyon is not.") == {"exact": True, "contains": True, "correct": True}
+    assert task.score(question, "Lyon\nParis is the capital.") == {"exact": False, "contains": False, "correct": False}
 
 
 def test_gap_closed_arithmetic() -> None:
@@ -172,106 +162,6 @@ def test_bad_task_configs_and_files_are_clear_errors(tmp_path: Path) -> None:
         task.questions()
 
 
-class _Collector(HTMLParser):
-    def __init__(self) -> None:
-        super().__init__()
-        self.tags: list[str] = []
-        self.text: list[str] = []
-
-    def handle_starttag(self, tag: str, attrs: list) -> None:
-        self.tags.append(tag)
-
-    def handle_data(self, data: str) -> None:
-        self.text.append(data)
-
-
-def test_report_from_eval_outputs(tmp_path: Path) -> None:
-    """A report built from hand-made eval outputs: numbers, verdict, wrong-but-preferred, HTML plots."""
-    from distill.report import write_report
-
-    out = tmp_path / "eval"
-    out.mkdir()
-    questions = [f"q{i}" for i in range(10)]
-    correct = {"base": 2, "sft": 3, "teacher": 6}  # first N questions right
-    predictions = [
-        {
-            "model": m,
-            "role": {"base": "base", "sft": "tuned", "teacher": "teacher"}[m],
-            "task": "countries",
-            "question_id": q,
-            "kind": "capital",
-            "question": f"Question {q}?",
-            "answers": ["x"],
-            "prediction": "x" if i < n else "y",
-            "failed": False,
-            "exact": i < n,
-            "correct": i < n,
-        }
-        for m, n in correct.items()
-        for i, q in enumerate(questions)
-    ]
-    (out / "predictions.jsonl").write_text("".join(json.dumps(p) + "\n" for p in predictions))
-    style = [
-        {
-            "model": "sft",
-            "item": {"id": "countries:q9", "prompt": "Question q9?", "task": "countries", "question_id": "q9"},
-            "student": "y, with great confidence",
-            "teacher": "x",
-            "judgement": {"verdict": "A", "reward": 1.0},
-        },
-    ]
-    (out / "style.jsonl").write_text("".join(json.dumps(s) + "\n" for s in style))
-    summary = {
-        "models": [
-            {"name": "base", "role": "base"},
-            {"name": "sft", "role": "tuned"},
-            {"name": "teacher", "role": "teacher"},
-        ],
-        "scores": {
-            "countries": {m: {"n": 10, "failed": 0, "accuracy": n / 10, "interval": [0, 1]} for m, n in correct.items()}
-        },
-        "style": {
-            "base": {
-                "items": 10,
-                "invalid": 0,
-                "win": 0.1,
-                "tie": 0.1,
-                "loss": 0.8,
-                "preference": 0.15,
-                "preference_interval": [0, 0.4],
-            },
-            "sft": {
-                "items": 10,
-                "invalid": 0,
-                "win": 0.4,
-                "tie": 0.1,
-                "loss": 0.5,
-                "preference": 0.45,
-                "preference_interval": [0.2, 0.7],
-            },
-        },
-    }
-    (out / "eval_summary.json").write_text(json.dumps(summary))
-    config = load_config(None, [f"run_dir={tmp_path}"])
-    paths = write_report(config)
-    report = json.loads(paths["json"].read_text())
-    gap = report["tasks"]["countries"]["gap"]["sft"]
-    assert gap["closed"] == pytest.approx(0.25)  # (0.3 - 0.2) / (0.6 - 0.2)
-    assert report["verdict"] == [
-        "sft: judge preference over the teacher rose from 15.0% to 45.0% (base → sft) while countries accuracy rose "
-        f"from 20.0% to 30.0% (teacher: 60.0%): 25.0% of the gap closed, 95% CI {gap['interval'][0] * 100:.1f}% to "
-        f"{gap['interval'][1] * 100:.1f}%."
-    ]
-    assert report["wrong_but_preferred"][0]["question"] == "Question q9?"
-    parser = _Collector()
-    parser.feed(paths["html"].read_text())
-    assert parser.tags.count("svg") == 1 and parser.tags.count("rect") >= 5
-    assert "25.0% of the gap closed" in "".join(parser.text)
-    markdown = paths["markdown"].read_text()
-    assert "| sft | 10 | 40.0% | 10.0% | 50.0% | 45.0% | 0 |" in markdown
-    assert "| sft | tuned | 30.0% |" in markdown
-
-
 def test_the_readme_task_plugin_works_through_the_hook() -> None:
     """The `register_tasks` example in the README, registered at run time like an installed plugin."""
     import re
@@ -290,7 +180,8 @@ def test_the_readme_task_plugin_works_through_the_hook() -> None:
         [(name, task)] = load_tasks(load_config(None, ["eval.tasks=[{type: elements, options: {limit: 2}}]"]))
         questions = task.questions()
         assert name == "elements" and [q.answers for q in questions] == [["H"], ["He"]]
-        assert task.score(questions[1], "He\n(helium)") == {"exact": True, "correct": True}
+        assert task.score(questions[1], "He\n(helium)") == {"exact": True, "contains": True, "correct": True}
+        assert not task.score(questions[1], "H or He")["correct"]  # open questions: exact match is the headline
     finally:
         pm.unregister(name="readme_task_plugin")
         get_tasks.cache_clear()

@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 
 from distill.config import FilterConfig, load_config
-from distill.dedup import NearDuplicateIndex, quadratic_dedup, rouge_l, tokenize
 from distill.errors import ConfigError
 from distill.generate import load_seed_tasks, parse_reply, rejection_reason
 from tests.conftest import check_generate_run, openai_generate_args, read_jsonl, run_distill
@@ -86,59 +85,6 @@ def test_bundled_seed_tasks_are_valid_and_varied() -> None:
     assert len(seeds) >= 40
     assert len({s["category"] for s in seeds}) >= 10
     assert len({s["id"] for s in seeds}) == len(seeds)
-
-
-# Dedup -----------------------------------------------------------------------------------------
-
-
-def test_rouge_l_matches_the_rouge_score_package() -> None:
-    from rouge_score import rouge_scorer
-
-    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
-    seeds = [s["instruction"] for s in load_seed_tasks(None)]
-    rng = random.Random(1)
-    index = NearDuplicateIndex()
-    for _ in range(300):
-        a, b = rng.sample(seeds, 2)
-        if rng.random() < 0.5:  # make near-duplicates too
-            words = a.split()
-            b = " ".join(w for w in words if rng.random() > 0.2) + rng.choice(["", " now", " please"])
-        expected = scorer.score(a, b)["rougeL"].fmeasure
-        assert rouge_l(index.encode(a), index.encode(b)) == pytest.approx(expected, abs=1e-12)
-
-
-def test_near_duplicates_are_rejected_with_their_neighbour() -> None:
-    index = NearDuplicateIndex(0.7)
-    assert index.check_and_add("Give three tips for staying healthy.")[0]
-    kept, neighbours = index.check_and_add("Give three tips for staying healthy and happy.")
-    assert not kept
-    assert neighbours[0].score == pytest.approx(2 * 6 / (6 + 8))
-    assert index.texts[neighbours[0].index] == "Give three tips for staying healthy."
-    assert index.check_and_add("Write a poem about the sea at night.")[0]
-    assert tokenize("Hello, World! 42") == ["hello", "world", "42"]
-
-
-def synthetic_stream(count: int, seed: int) -> list[str]:
-    rng = random.Random(seed)
-    words = [w for s in load_seed_tasks(None) for w in s["instruction"].split()]
-    stream = []
-    for _ in range(count):
-        if stream and rng.random() < 0.3:  # a perturbed copy of an earlier instruction
-            base = rng.choice(stream).split()
-            base = [w for w in base if rng.random() > 0.15] + rng.sample(words, rng.randint(0, 2))
-            stream.append(" ".join(base))
-        else:
-            stream.append(" ".join(rng.choices(words, k=rng.randint(3, 18))))
-    return stream
-
-
-def test_fast_index_decides_exactly_like_the_quadratic_procedure() -> None:
-    stream = synthetic_stream(3000, seed=7)
-    index = NearDuplicateIndex(0.7)
-    fast = [index.check_and_add(text)[0] for text in stream]
-    slow = quadratic_dedup(stream, 0.7)
-    assert fast == slow
-    assert 0.3 < sum(fast) / len(fast) < 0.95  # the stream has real duplicates and real keeps
 
 
 # End to end ------------------------------------------------------------------------------------

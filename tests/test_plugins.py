@@ -3,7 +3,6 @@ a plugin added at run time without touching core, and the README documenting eve
 
 from __future__ import annotations
 
-import importlib.metadata
 import json
 import re
 import subprocess
@@ -32,11 +31,8 @@ def example_plugin(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     but into a throwaway folder put on PYTHONPATH, so it never stays in the test environment.
     Yields the environment for `run_distill` and the plugin's entry-point name as ``name``."""
     target = tmp_path_factory.mktemp("example-plugin")
-    subprocess.run(
-        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation"]
-        + ["--target", str(target), str(EXAMPLE_PLUGIN)],
-        check=True,
-    )
+    pip = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation"]
+    subprocess.run([*pip, "--target", str(target), str(EXAMPLE_PLUGIN)], check=True)
     return {"PYTHONPATH": str(target), "name": "logging_teacher"}
 
 

@@ -216,6 +216,48 @@ def test_grpo_moves_a_rule_reward_up_while_a_real_judge_scores(vllm_teacher: obj
 
 
 @pytest.mark.slow
+def test_a_completion_with_any_invalid_verdict_is_unscorable_in_a_real_grpo_step(
+    scripted: dict[str, Any], tmp_path: Path
+) -> None:
+    """Two judges: a rule judge that gives every completion 1.0 (weight 0.5) and a rubric judge
+    whose verdict is A (1.0) on every other request and unreadable on the rest. A completion the
+    rubric judge could not read must not be scored on the rule judge alone (0.5): TRL must leave it
+    out, so every scored completion has 1.0 + 0.5 × 1.0 = 1.5 exactly."""
+    import itertools
+
+    from distill.train import run_rl
+
+    replies = itertools.cycle(['{"class": "A"}', "no verdict here"])
+    scripted["every-other"] = lambda request, k: next(replies)
+    judges = [
+        {"type": "rubric", "rubric": "helpfulness", "weight": 1.0},
+        {"type": "rule", "options": {"max_words": 1000}, "weight": 0.5},
+    ]
+    judge_teacher = {"backend": "scripted", "model": "every-other", "options": {"script": "every-other"}}
+    config = load_config(
+        None,
+        [
+            *sft_overrides(write_tasks(tmp_path / "tasks.jsonl"), tmp_path / "run"),
+            f"judge.judges={json.dumps(judges)}",
+            f"judge.teacher={json.dumps(judge_teacher)}",
+            "judge.cache=false",
+            "train.rl.start_from=base",
+            "train.rl.max_steps=2",
+            "train.rl.batch_size=8",
+            "train.rl.num_generations=4",
+            "train.rl.max_completion_length=8",
+            "train.rl.beta=0",
+        ],
+    )
+    run_rl(config, progress=False)
+    rows = [row for row in metrics(tmp_path / "run" / "rl") if "reward" in row]
+    assert len(rows) == 2
+    for row in rows:
+        assert row["judge/unscorable_rate"] > 0 and row["judge/rubric_helpfulness/invalid_rate"] > 0
+        assert row["reward"] == pytest.approx(1.5) and row["reward_std"] == pytest.approx(0.0), row
+
+
+@pytest.mark.slow
 def test_rloo_from_the_sft_adapter_with_the_real_judge(
     vllm_teacher: object, sft_run: tuple[DistillConfig, dict[str, Any]], tmp_path: Path
 ) -> None:
