@@ -1,16 +1,19 @@
-"""`distill generate`: parsing, filters, dedup, end to end on the in-process engine, and the
-request cache. (Faults, kills and full disks: tests/reliability/.)"""
+"""`distill generate`: parsing, filters, the judge filter with dedup, end to end on the in-process
+engine, and the request cache. (Dedup itself: tests/test_dedup.py; faults, kills and full disks:
+tests/reliability/.)"""
 
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from distill.config import FilterConfig, load_config
 from distill.errors import ConfigError
-from distill.generate import load_seed_tasks, parse_reply, rejection_reason
+from distill.generate import load_seed_tasks, parse_reply, rejection_reason, run_generate
 from tests.conftest import check_generate_run, openai_generate_args, read_jsonl, run_distill
 from tests.fault_proxy import FaultProxy
 
@@ -88,6 +91,39 @@ def test_bundled_seed_tasks_are_valid_and_varied() -> None:
 
 
 # End to end ------------------------------------------------------------------------------------
+
+
+def test_a_task_the_judge_rejects_never_blocks_a_later_near_duplicate(scripted: dict[str, Any], tmp_path: Path) -> None:
+    """With generate.judge, only kept instructions join the dedup index: a near-duplicate of a task
+    the judge rejected is judged on its own merits."""
+    rejected = {"instruction": "Describe the water cycle in three short sentences for kids.", "output": "BAD"}
+    twin = {"instruction": "Describe the water cycle in three short sentences for children.", "output": "Rain."}
+    other = {"instruction": "Name two mammals that live in the sea.", "output": "Whales and seals."}
+    replies = iter([[rejected, other], [twin]])
+    scripted["two-replies"] = lambda request, k: json.dumps({"tasks": [dict(t, input="") for t in next(replies)]})
+    scripted["judge-bad"] = lambda request, k: json.dumps(
+        {"class": "C" if "BAD" in request.messages[-1].content else "A"}
+    )
+    judge_teacher = {"backend": "scripted", "model": "judge", "options": {"script": "judge-bad"}}
+    config = load_config(
+        None,
+        [
+            f"run_dir={tmp_path / 'run'}",
+            "teacher.backend=scripted",
+            "teacher.options={script: two-replies}",
+            f"judge.teacher={json.dumps(judge_teacher)}",
+            "generate.judge=helpfulness",
+            "generate.min_reward=0.5",
+            "generate.target=2",
+            "generate.batch_size=1",
+        ],
+    )
+    summary = run_generate(config)
+    kept = [row["instruction"] for row in read_jsonl(tmp_path / "run" / "instructions.jsonl")]
+    assert kept == [other["instruction"], twin["instruction"]]
+    assert summary["rejected"] == {"low_reward": 1}
+    [row] = read_jsonl(tmp_path / "run" / "rejected.jsonl")
+    assert row["instruction"] == rejected["instruction"] and row["reason"] == "low_reward"
 
 
 @pytest.mark.slow
