@@ -201,3 +201,18 @@ class FaultProxy:
             return web.Response(
                 status=upstream.status, body=payload, content_type=upstream.content_type or "application/json"
             )
+
+
+def pacing_violations(times: list[float], per_minute: float, slack_s: float = 0.35) -> list[tuple[int, int, float]]:
+    """Runs of consecutive arrivals that came faster than ``per_minute`` allows: (first, last,
+    span) for every i < j with ``times[j] - times[i] < (j - i) · 60 / per_minute - slack_s``. The
+    slack forgives one late stamp on a busy machine, not a burst: two requests sent back to back
+    (a gap of ~0 s) fail at any rate above 60 / slack_s per minute."""
+    times = sorted(times)
+    spacing = 60 / per_minute
+    return [
+        (i, j, round(times[j] - times[i], 3))
+        for i in range(len(times))
+        for j in range(i + 1, len(times))
+        if times[j] - times[i] < (j - i) * spacing - slack_s
+    ]

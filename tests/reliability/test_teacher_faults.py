@@ -20,7 +20,7 @@ from tests.conftest import (
     run_distill,
     write_judge_dataset,
 )
-from tests.fault_proxy import Fault, FaultProxy
+from tests.fault_proxy import Fault, FaultProxy, pacing_violations
 
 pytestmark = pytest.mark.slow
 
@@ -82,17 +82,17 @@ def test_storm_of_faults_loses_no_row_and_keeps_the_rate_limit(
             early.append(retry.received - limited.sent)
     assert early == []
 
-    # The limit, measured at the proxy: 90/min = one request per 2/3 s, retries included. No
-    # 60-second window over the limit, and none of the shorter ones either (a 1.2 s window holds
-    # at most 2 evenly paced requests, with room for one late stamp on a busy machine).
+    # The limit, measured at the proxy: 90/min = one request per 2/3 s, retries included. Every run
+    # of k consecutive arrivals spans at least (k - 1) · 2/3 s, less a slack for a late stamp on a
+    # busy machine: a client sending back-to-back pairs or any burst fails this (tests/test_openai_wire.py).
     times = sorted(a.received for a in answered)
-    per_minute = max(sum(t <= u < t + 60 for u in times) for t in times)
-    bursts = sum(sum(t <= u < t + 1.2 for u in times) > 2 for t in times)
-    assert per_minute <= rpm and bursts == 0, times
+    violations = pacing_violations(times, rpm)
+    assert violations == [], (violations, times)
+    ids = judged_ids(run_dir)
     measure("requests / faults injected", f"{len(answered)} / {len(faulted)}")
-    measure("rows lost / judged twice", f"{len(rows) - len(set(judged_ids(run_dir)))} / 0")
+    measure("rows lost / judged twice", f"{len(rows) - len(set(ids))} / {len(ids) - len(set(ids))}")
     measure("retry-after not honoured", len(early))
-    measure("windows over the rate limit", bursts)
+    measure("arrival runs faster than the rate limit", len(violations))
 
 
 def test_hanging_and_trickling_server_times_out_and_is_retried(
@@ -116,11 +116,13 @@ def test_hanging_and_trickling_server_times_out_and_is_retried(
     assert result.returncode == 0, result.stderr
     assert judged_ids(run_dir) == ["r0", "r1", "r2"]
     bodies, received = fault_proxy.bodies, [t for t, _ in fault_proxy.received]
-    assert bodies[1] == bodies[0] and received[1] - received[0] >= timeout  # the hung request, retried
+    hung_retried = bodies[1] == bodies[0]
+    assert hung_retried and received[1] - received[0] >= timeout  # the hung request, retried after the deadline
     trickled = next(a for a in fault_proxy.answered if a.fault == "trickle")
     assert trickled.sent - trickled.received < 2 * timeout  # cut off by the deadline, not finished
-    assert any(a.body_sha256 == trickled.body_sha256 and a.fault == "pass" for a in fault_proxy.answered)
-    measure("hung / trickled requests not retried", 0)
+    trickle_retried = any(a.body_sha256 == trickled.body_sha256 and a.fault == "pass" for a in fault_proxy.answered)
+    assert trickle_retried
+    measure("hung / trickled requests not retried", f"{int(not hung_retried)} / {int(not trickle_retried)}")
 
 
 @pytest.mark.parametrize("status", [401, 400])
@@ -159,10 +161,11 @@ def test_401_and_400_stop_after_one_attempt_and_keep_saved_rows(
     again = run_distill(*args, env={"DISTILL_TEST_KEY": canary})
     assert again.returncode == 0, again.stderr
     after = read_jsonl(run_dir / "judgements.jsonl")
-    assert [j["item_id"] for j in after] == ["r0", "r1", "r2", "r3"] and after[0] == before[0]
+    lost = [row for row in before if row not in after]
+    assert [j["item_id"] for j in after] == ["r0", "r1", "r2", "r3"] and lost == []
     repeated = [b for b in fault_proxy.bodies if json.loads(b)["messages"] == saved[0]["request"]["messages"]]
     assert repeated == [] and len(fault_proxy.bodies) == 3
-    measure("HTTP 401: saved rows lost / asked again after the fix", f"0 / {len(repeated)}")
+    measure("HTTP 401: saved rows lost / asked again after the fix", f"{len(lost)} / {len(repeated)}")
 
 
 def test_malformed_teacher_replies_go_to_failures_with_the_raw_text(

@@ -32,7 +32,7 @@ class Payload:
     def __reduce__(self) -> tuple:
         import os
 
-        return (os.system, (f"touch {self.sentinel}",))
+        return (os.system, (f"echo loaded >> {self.sentinel}",))  # one line per load: countable
 
 
 def plant_pickle(path: Path, sentinel: Path) -> None:
@@ -98,9 +98,10 @@ def test_pickled_weights_adapters_and_checkpoints_are_refused(
             load_teacher(config)
     with pytest.raises(ModelError, match="pickle files"):
         resume_checkpoint(run_dir / "sft", resume=True, overwrite=False)  # the checkpoint to resume
-    assert not sentinel.exists()  # no pickle was ever opened
+    loaded = len(sentinel.read_text().splitlines()) if sentinel.exists() else 0
+    assert loaded == 0  # no pickle was ever opened
     assert not (tmp_path / "merged").exists()
-    measure("pickle artifacts loaded (of 6 tried)", int(sentinel.exists()))
+    measure(f"pickle artifacts loaded (of {len(attempts) + len(teachers) + 1} tried)", loaded)
 
 
 def test_model_code_runs_only_with_trust_remote_code(smollm2_dir: Path, tmp_path: Path, measure: Measure) -> None:
@@ -126,8 +127,9 @@ def test_model_code_runs_only_with_trust_remote_code(smollm2_dir: Path, tmp_path
     )
     default = run_distill(*ask_args(str(model)))
     assert default.returncode == 0, default.stderr
-    assert not sentinel.exists()  # the built-in Llama code ran, not the model's
+    ran_without_flag = int(sentinel.exists())
+    assert ran_without_flag == 0  # the built-in Llama code ran, not the model's
     trusted = run_distill(*ask_args(str(model), "--set", "teacher.options.trust_remote_code=true"))
     assert trusted.returncode == 0, trusted.stderr
     assert sentinel.exists()  # turned on explicitly: the model's own code ran
-    measure("model code run without trust_remote_code", 0)
+    measure("model code run without trust_remote_code", ran_without_flag)
