@@ -20,6 +20,7 @@ from distill.config import DistillConfig, EvalModel, JudgeSpec, TeacherConfig, c
 from distill.errors import ConfigError
 from distill.paths import RunLayout
 from distill.records import JudgeItem
+from distill.runlock import locks
 from distill.runstore import JsonlLog, unmark_finished, write_atomic, write_manifest
 from distill.stats import bootstrap_interval
 from distill.tasks import Question, Task
@@ -109,6 +110,7 @@ def style_prompts(
     return prompts
 
 
+@locks(lambda config, **_: RunLayout.of(config).eval)  # one writer per eval dir, before anything is sent
 def run_eval(
     config: DistillConfig,
     teachers: dict[str, Any] | None = None,

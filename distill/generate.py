@@ -40,6 +40,7 @@ from distill.records import (
     Usage,
     user_prompt,
 )
+from distill.runlock import locks
 from distill.runstore import JsonlLog, jsonl_lines, unmark_finished, write_atomic, write_manifest
 from distill.teacher import Teacher
 
@@ -531,6 +532,7 @@ def dataset_card(config: DistillConfig, summary: dict[str, Any]) -> str:
     )
 
 
+@locks(lambda config, **_: config.run_dir)  # one writer per run dir, before anything is written or sent
 def run_generate(config: DistillConfig, teacher: Teacher | None = None, progress: Any = None) -> dict[str, Any]:
     """Run (or resume) `distill generate` for a validated config; return the summary."""
     if config.generate.target > config.generate.max_requests * config.generate.tasks_per_request:

@@ -19,6 +19,7 @@ from distill.config import DistillConfig, config_dump
 from distill.errors import ConfigError, DistillError
 from distill.judge import Judge, load_judge
 from distill.records import JudgeItem, Judgement, user_prompt
+from distill.runlock import locks
 from distill.runstore import JsonlLog, read_rows, unmark_finished, write_atomic, write_manifest
 
 JUDGEMENTS = "judgements.jsonl"
@@ -124,6 +125,7 @@ def failure_line(judgement: Judgement) -> str:
     return json.dumps(record, ensure_ascii=False) + "\n"
 
 
+@locks(lambda out_dir, **_: out_dir)  # one writer per judge dir, before anything is written or sent
 def run_judge(
     config: DistillConfig,
     dataset: Path,
@@ -234,6 +236,7 @@ def robustness_report(judge: Judge, items: list[JudgeItem]) -> dict[str, Any]:
     return report
 
 
+@locks(lambda out_dir, **_: out_dir)
 def run_robustness(config: DistillConfig, dataset: Path, out_dir: Path) -> list[dict[str, Any]]:
     """The robustness report of every rubric and score judge of ``config`` on ``dataset``, written
     to ``out_dir/robustness.json``. Attacked items are judged through the same answer log."""

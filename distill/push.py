@@ -35,11 +35,15 @@ def plan_push(path: Path) -> PushPlan:
             raise DistillError(
                 f"{path}: no adapter_model.safetensors; push the output dir of a finished `distill train`"
             )
-        # Top-level files only: checkpoints and TensorBoard logs stay home; so do pickles.
+        # Top-level files only: checkpoints and TensorBoard logs stay home; so do pickles, and
+        # dotfiles (a run lock left by a killed run names a pid, a host and a command line).
         files = [
             f
             for f in sorted(path.iterdir())
-            if f.is_file() and f.suffix not in PICKLE_SUFFIXES and not f.name.endswith((".tmp", ".partial"))
+            if f.is_file()
+            and f.suffix not in PICKLE_SUFFIXES
+            and not f.name.endswith((".tmp", ".partial"))
+            and not f.name.startswith(".")
         ]
         return PushPlan("model", files)
     if (path / "instructions.jsonl").is_file():
