@@ -149,6 +149,7 @@ def ask(
     distill ask -c examples/quickstart.yaml
     """
     from distill.config import config_dump, load_config
+    from distill.runlock import locked
     from distill.teacher import load_teacher, raise_on_fatal
 
     flags = {
@@ -173,10 +174,11 @@ def ask(
         extra.update(logprobs=True, top_logprobs=logprobs)
     requests = [config.teacher.request(question, **extra) for question in questions]
 
-    with load_teacher(config.teacher) as teacher:
-        results = teacher.generate(requests)
-    if config.run_dir is not None:
-        _save_answers(config.run_dir, config_dump(config), requests, results)
+    with locked(config.run_dir):  # one writer per run dir, before the teacher loads (None: no lock)
+        with load_teacher(config.teacher) as teacher:
+            results = teacher.generate(requests)
+        if config.run_dir is not None:
+            _save_answers(config.run_dir, config_dump(config), requests, results)
     for question, result in zip(questions, results):
         if as_json:
             click.echo(result.model_dump_json())
@@ -242,7 +244,7 @@ def generate(
 
 
 @cli.command()
-@click.argument("dataset", type=click.Path(path_type=Path))
+@click.argument("dataset", type=click.Path(path_type=Path), required=False)
 @config_option
 @set_option
 @click.option(
@@ -257,12 +259,18 @@ def generate(
 @click.option("--run-dir", type=click.Path(path_type=Path), help="Where judgements go (resumes if present).")
 @click.option("--limit", type=int, help="Judge only the first N rows.")
 @click.option("--robustness", is_flag=True, help="Also attack each judge and report attack success rates.")
+@click.option(
+    "--calibrate",
+    is_flag=True,
+    help="Also (or, without DATASET, only) measure each judge on its rubric's gold set: accuracy vs chance, "
+    "confusion matrix, position and length bias; writes calibration.json.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @no_cache_option
 @handle_errors
 def judge(
-    dataset: Path,
+    dataset: Path | None,
     config_path: Path | None,
     overrides: tuple[str, ...],
     rubrics: tuple[str, ...],
@@ -272,6 +280,7 @@ def judge(
     run_dir: Path | None,
     limit: int | None,
     robustness: bool,
+    calibrate: bool,
     as_json: bool,
     no_progress: bool,
     no_cache: bool,
@@ -285,11 +294,13 @@ def judge(
     distill judge runs/quickstart --rubric helpfulness --run-dir runs/judged
     distill judge data.jsonl --rubric harmlessness --type score --robustness
     distill judge pairs.jsonl --rubric helpfulness --type pairwise   # needs a response_b column
+    distill judge --calibrate -c examples/quickstart.yaml --run-dir runs/calibration   # can the judges be believed?
     """
     from distill.config import load_config
     from distill.judging import run_judge, run_robustness
     from distill.paths import RunLayout
     from distill.progress import StageProgress
+    from distill.runlock import locked
 
     flags: dict[str, Any] = {"run_dir": run_dir}
     if backend is not None or model is not None:
@@ -299,16 +310,28 @@ def judge(
         flags["judge.judges"] = json.dumps([{"type": judge_type, "rubric": rubric} for rubric in rubrics])
     config = load_config(config_path, [*overrides, *cli_overrides(flags, no_cache)])
     out_dir = RunLayout.of(config).root  # a judge run's own directory
-    if limit is not None:
-        dataset = _first_rows(dataset, limit, out_dir)
-    with StageProgress("judge", None, "verdicts", enabled=not no_progress and not as_json) as bar:
-        summary = run_judge(config, dataset, out_dir, progress=lambda done, total: bar.update(done, total=total))
-    if robustness:
-        summary["robustness"] = run_robustness(config, dataset, out_dir)
+    if dataset is None and not calibrate:
+        raise DistillError("give a DATASET to judge, or --calibrate to measure the judges on their gold sets")
+    summary: dict[str, Any] = {}
+    with locked(out_dir):  # one writer, from the --limit subset through --robustness
+        if calibrate:
+            from distill.calibration import run_calibration
+
+            summary["calibration"] = run_calibration(config, out_dir)
+        if dataset is not None:
+            if limit is not None:
+                dataset = _first_rows(dataset, limit, out_dir)
+            with StageProgress("judge", None, "verdicts", enabled=not no_progress and not as_json) as bar:
+                progress = lambda done, total: bar.update(done, total=total)  # noqa: E731
+                summary.update(run_judge(config, dataset, out_dir, progress=progress))
+            if robustness:
+                summary["robustness"] = run_robustness(config, dataset, out_dir)
     if as_json:
         click.echo(json.dumps(summary, indent=2))
         return
-    for label, entry in summary["judges"].items():
+    for label, entry in summary.get("calibration", {}).get("judges", {}).items():
+        click.echo(calibration_line(label, entry))
+    for label, entry in summary.get("judges", {}).items():
         extra = ""
         if "mean_agreement" in entry:
             extra += f"  agreement {entry['mean_agreement']:.2f}"
@@ -326,7 +349,21 @@ def judge(
             click.echo(
                 f"  {name:<18} {rate:>5}  ({attack['successes']}/{attack['eligible']}, {attack['invalid']} invalid)"
             )
-    click.echo(f"judgements: {out_dir / 'judgements.jsonl'}")
+    click.echo(f"outputs: {out_dir}")
+
+
+def calibration_line(label: str, entry: dict[str, Any]) -> str:
+    """One line per judge: gold accuracy vs chance, and any warning."""
+    from distill.stats import pct
+
+    if not entry.get("calibrated"):
+        return f"{label}: not calibrated ({entry['reason']})"
+    line = (
+        f"{label}: gold accuracy {pct(entry['accuracy'])} (95% CI {pct(entry['interval'][0])} to "
+        f"{pct(entry['interval'][1])}, chance {pct(entry['chance'])}, {entry['items']} items, "
+        f"{pct(entry['invalid_rate'])} invalid)"
+    )
+    return line + "".join(f"\n  warning: {warning}" for warning in entry["warnings"])
 
 
 def _first_rows(dataset: Path, limit: int, out_dir: Path) -> Path:
@@ -410,8 +447,17 @@ def train_sft(
     click.echo(json.dumps(summary, indent=2))
 
 
+allow_weak_judge_option = click.option(
+    "--allow-weak-judge",
+    is_flag=True,
+    help="Train RL even when a judge is not above chance on its gold set or its rewards don't vary "
+    "(sets train.rl.allow_weak_judge; the summary and the report carry the warning).",
+)
+
+
 @train.command("rl")
 @with_train_options
+@allow_weak_judge_option
 @handle_errors
 def train_rl(
     config_path: Path | None,
@@ -423,6 +469,7 @@ def train_rl(
     overwrite: bool,
     no_progress: bool,
     no_cache: bool,
+    allow_weak_judge: bool,
 ) -> None:
     """RL (GRPO by default, or RLOO) of the student against the judges' rewards (judge.judges).
 
@@ -435,7 +482,8 @@ def train_rl(
     """
     from distill.train import run_rl
 
-    config = _train_config("rl", config_path, overrides, student, run_dir, max_steps, no_cache)
+    weak = ("train.rl.allow_weak_judge=true",) if allow_weak_judge else ()
+    config = _train_config("rl", config_path, (*overrides, *weak), student, run_dir, max_steps, no_cache)
     summary = run_rl(config, resume=resume, overwrite=overwrite, progress=not no_progress)
     click.echo(json.dumps(summary, indent=2))
 
@@ -582,13 +630,19 @@ def report(config_path: Path | None, overrides: tuple[str, ...], run_dir: Path |
 @config_option
 @set_option
 @click.option("--run-dir", type=click.Path(path_type=Path), help="Run directory (resumes if present).")
-@click.option("--stages", help="Comma-separated subset of generate,judge,sft,rl,eval,report.")
+@click.option("--stages", help="Comma-separated subset of calibrate,generate,judge,sft,rl,eval,report.")
 @no_cache_option
+@allow_weak_judge_option
 @handle_errors
 def run(
-    config_path: Path | None, overrides: tuple[str, ...], run_dir: Path | None, stages: str | None, no_cache: bool
+    config_path: Path | None,
+    overrides: tuple[str, ...],
+    run_dir: Path | None,
+    stages: str | None,
+    no_cache: bool,
+    allow_weak_judge: bool,
 ) -> None:
-    """Generate → judge → sft → rl → eval → report in one command, resumable stage by stage.
+    """Calibrate → generate → judge → sft → rl → eval → report in one command, resumable stage by stage.
 
     Finished stages are skipped on a rerun; an interrupted stage resumes with its own resume
     (answer logs, request cache, training checkpoints).
@@ -599,7 +653,8 @@ def run(
     from distill.config import load_config
     from distill.pipeline import STAGES, run_pipeline
 
-    config = load_config(config_path, [*overrides, *cli_overrides({"run_dir": run_dir}, no_cache)])
+    weak = {"train.rl.allow_weak_judge": "true" if allow_weak_judge else None}
+    config = load_config(config_path, [*overrides, *cli_overrides({"run_dir": run_dir, **weak}, no_cache)])
     chosen = tuple(s.strip() for s in stages.split(",")) if stages else STAGES
     results = run_pipeline(config, chosen, echo=lambda line: click.echo(line, err=True))
     if "report" in results:
@@ -718,6 +773,31 @@ def models_prepare(aliases: tuple[str, ...], force: bool) -> None:
             f"{alias}: {path} (max |Δlogit| vs GGUF load {check['max_abs_logit_diff']:.2e}, "
             f"tolerance {check['tolerance']:.0e})"
         )
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path(path_type=Path, exists=True, file_okay=False))
+@click.option("--port", type=int, default=8765, show_default=True, help="Port to listen on.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option(
+    "--expose",
+    is_flag=True,
+    help="Allow a --host other than this machine's loopback: anyone who can reach it can read the run.",
+)
+@handle_errors
+def view(run_dir: Path, port: int, host: str, expose: bool) -> None:
+    """Look at a run in the browser: the generated rows (kept, rejected and why, failed) with
+    search and filters, each row's provenance and judgements, every eval answer with its score
+    and style verdict, training curves, and the gap report with links to the rows behind it.
+    Read-only; works while the run is still writing (re-index from the page).
+
+    \b
+    distill view runs/quickstart               # then open http://127.0.0.1:8765/
+    distill view runs/quickstart --port 9000
+    """
+    from distill.view import serve
+
+    serve(run_dir, host, port, expose=expose, echo=click.echo, warn=lambda line: click.echo(line, err=True))
 
 
 def _register_plugin_commands() -> DistillError | None:

@@ -181,6 +181,12 @@ class JudgeConfig(StrictModel):
     )
     response_field: str = Field("output", description="Dataset column with the response to judge.")
     response_b_field: str = Field("response_b", description="Dataset column with response B (pairwise judges).")
+    calibration_items: int | None = Field(
+        None,
+        ge=1,
+        description="Calibrate on a seeded sample of this many items of each gold set (faster, wider intervals); "
+        "empty: every item.",
+    )
 
 
 class LoraSettings(StrictModel):
@@ -247,6 +253,14 @@ class RLSettings(StrictModel):
         False, description="Rollouts with vLLM (GPU; TRL colocate/server modes) instead of HF generate."
     )
     vllm_mode: Literal["colocate", "server"] = Field("colocate", description="TRL's vLLM mode when use_vllm is on.")
+    allow_weak_judge: bool = Field(
+        False,
+        description="Train even when a judge's gold accuracy is not above chance or the rewards show no variance "
+        "on probe completions (the summary and the report then carry the warning).",
+    )
+    probe_prompts: int = Field(
+        4, ge=0, description="Training prompts sampled before RL starts to check that the rewards vary (0: no probe)."
+    )
     logging_steps: int = Field(1, ge=1, description="Log metrics every this many steps.")
     save_steps: int = Field(25, ge=1, description="Save a resumable checkpoint every this many steps.")
 

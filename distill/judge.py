@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 
 import jinja2
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from distill.config import JudgeSpec
 from distill.errors import ConfigError, format_validation_error
@@ -50,6 +50,26 @@ class Rubric(BaseModel):
     scores: dict[int, str] = Field(
         default_factory=dict, description="For the score judge: what each score 1-5 means (all five, or none)."
     )
+    gold: str | None = Field(
+        None,
+        description="Gold set for calibration: JSONL of prompt, response and the correct class (a path relative "
+        "to this file's folder or to prompts/).",
+    )
+    gold_pairs: str | None = Field(
+        None, description="Gold pairs for pairwise judges: JSONL of prompt, better, worse (same path rules)."
+    )
+    _folder: Path | None = PrivateAttr(None)
+
+    def resolve(self, relative: str | None) -> Path | None:
+        """A path named in the rubric: relative to the rubric's folder, else to prompts/."""
+        from distill_prompts import PROMPTS_DIR
+
+        if relative is None:
+            return None
+        for base in (self._folder, PROMPTS_DIR):
+            if base is not None and (base / relative).is_file():
+                return base / relative
+        return Path(relative)
 
     @field_validator("classes")
     @classmethod
@@ -100,9 +120,11 @@ def load_rubric(name: str, where: str = "rubric") -> Rubric:
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise ConfigError([f"{where}: {path} is not valid UTF-8 YAML: {exc}"]) from None
     try:
-        return Rubric.model_validate(data)
+        rubric = Rubric.model_validate(data)
     except ValidationError as exc:
         raise ConfigError([f"{where}: {path}: {line}" for line in format_validation_error(exc, Rubric)]) from None
+    rubric._folder = path.parent
+    return rubric
 
 
 # Parsing verdicts ------------------------------------------------------------------------------
@@ -227,6 +249,16 @@ class Judge(ABC):
             return [f"{where}.rubric: judge type '{spec.type}' needs a rubric; bundled: {', '.join(list_rubrics())}"]
         return []
 
+    def gold_path(self) -> Path | None:
+        """The gold set this judge is calibrated on: the ``gold`` option, else the rubric's
+        ``gold`` (``gold_pairs`` for pairwise judges); None when there is none."""
+        chosen = getattr(self.options, "gold", None)
+        if chosen:
+            return Path(chosen)
+        if self.rubric is None:
+            return None
+        return self.rubric.resolve(self.rubric.gold_pairs if self.pairwise else self.rubric.gold)
+
     def judgement(self, item: JudgeItem, **fields: Any) -> Judgement:
         return Judgement(
             item_id=item.id,
@@ -264,6 +296,9 @@ class JudgeOptions(BaseModel):
         None, ge=1, description="Judge reply budget; default 16 when structured, 256 when free text."
     )
     template: str | None = Field(None, description="Prompt template under prompts/ or a path; default per judge type.")
+    gold: str | None = Field(
+        None, description="Gold set to calibrate this judge on (JSONL); default: the rubric's gold or gold_pairs."
+    )
 
     @model_validator(mode="after")
     def _sampling(self) -> JudgeOptions:

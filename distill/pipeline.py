@@ -1,4 +1,4 @@
-"""`distill run`: generate → judge → sft → rl → eval → report in one command.
+"""`distill run`: calibrate → generate → judge → sft → rl → eval → report in one command.
 
 Each finished stage leaves ``RUN_DIR/stages/STAGE.json``; a rerun skips finished stages and resumes
 the interrupted one with that stage's own resume (answer logs, request cache, training
@@ -18,17 +18,38 @@ from typing import Any
 from distill.config import DistillConfig, JudgeSpec
 from distill.errors import ConfigError
 from distill.paths import RunLayout
+from distill.runlock import locks
 from distill.runstore import write_atomic
 
 log = logging.getLogger(__name__)
 
-STAGES = ("generate", "judge", "sft", "rl", "eval", "report")
+# calibrate first: whether the judges can be believed is known before compute is spent on them.
+STAGES = ("calibrate", "generate", "judge", "sft", "rl", "eval", "report")
 
 
+def written_dirs(config: DistillConfig, stages: tuple[str, ...]) -> list[Path]:
+    """RUN_DIR and the directories the chosen stages write: `distill run` holds them all for the
+    whole run, so a second writer is refused at the start, not hours later at its stage."""
+    if config.run_dir is None:
+        return []
+    layout = RunLayout.of(config)
+    where = {
+        "calibrate": layout.calibration,
+        "judge": layout.judge,
+        "sft": layout.sft,
+        "rl": layout.rl,
+        "eval": layout.eval,
+        "report": layout.report,
+    }
+    return [layout.root, *(where[stage] for stage in stages if stage in where)]
+
+
+@locks(lambda config, stages, **_: written_dirs(config, stages))
 def run_pipeline(
     config: DistillConfig, stages: tuple[str, ...] = STAGES, echo: Callable[[str], None] = print, teacher: Any = None
 ) -> dict[str, Any]:
     """Run the stages not yet finished; return {stage: summary}."""
+    from distill.calibration import run_calibration
     from distill.evaluation import run_eval
     from distill.generate import run_generate
     from distill.judging import run_judge
@@ -64,6 +85,7 @@ def run_pipeline(
         return (output_dir / "checkpoints").is_dir()
 
     actions: dict[str, Callable[[], Any]] = {
+        "calibrate": lambda: run_calibration(config, layout.calibration, teacher=judge_teacher()),
         "generate": lambda: run_generate(config, teacher=the_teacher()),
         "judge": lambda: run_judge(config, layout.generate, layout.judge, teacher=judge_teacher()),
         "sft": lambda: run_sft(

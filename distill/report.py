@@ -22,6 +22,7 @@ from distill.config import DistillConfig
 from distill.errors import DistillError
 from distill.evaluation import PREDICTIONS, STYLE, SUMMARY
 from distill.paths import RunLayout
+from distill.runlock import locks
 from distill.runstore import MANIFEST, jsonl_lines, write_atomic
 from distill.stats import (
     describe_change,
@@ -70,6 +71,7 @@ def build_report(config: DistillConfig) -> dict[str, Any]:
             },
         }
 
+    preferred_but_wrong = wrong_but_preferred(style_rows, predictions)
     report = {
         "base": base,
         "teacher": teacher,
@@ -79,11 +81,74 @@ def build_report(config: DistillConfig) -> dict[str, Any]:
         "style": summary["style"],
         "style_changes": style_changes(style_rows, base, tuned, resamples),
         "training": training_signal(layout),
-        "wrong_but_preferred": wrong_but_preferred(style_rows, predictions)[:20],
+        "judges": judge_trust(layout),
+        "wrong_but_preferred": preferred_but_wrong[:20],
+        "wrong_but_preferred_count": len(preferred_but_wrong),
         "provenance": provenance(layout),
     }
+    report["reward_hacking"] = reward_hacking(report, correct_by_task(predictions), resamples)
     report["verdict"] = verdict(report)
     return report
+
+
+def correct_by_task(predictions: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, float]]]:
+    """task → model → question id → 1.0 / 0.0 (failed requests left out)."""
+    table: dict[str, dict[str, dict[str, float]]] = {}
+    for row in predictions:
+        if not row["failed"]:
+            table.setdefault(row["task"], {}).setdefault(row["model"], {})[row["question_id"]] = float(row["correct"])
+    return table
+
+
+def judge_trust(layout: RunLayout) -> dict[str, Any]:
+    """Can the judges be believed? Their calibration on the gold sets (from the calibrate stage),
+    and what RL was warned about and trained through anyway."""
+    from distill.calibration import CALIBRATION
+
+    found: dict[str, Any] = {"calibration": None, "rl_warnings": []}
+    if layout.run_dir is not None and (layout.calibration / CALIBRATION).is_file():
+        found["calibration"] = json.loads((layout.calibration / CALIBRATION).read_text())["judges"]
+    rl = layout.adapter("rl")
+    if rl is not None and (rl / "training_summary.json").is_file():
+        found["rl_warnings"] = json.loads((rl / "training_summary.json").read_text()).get("judge_warnings") or []
+    return found
+
+
+def reward_hacking(
+    report: dict[str, Any], correct: dict[str, dict[str, dict[str, float]]], resamples: int
+) -> list[str]:
+    """A plain sentence per task when the RL reward rose while held-out accuracy did not: RL vs
+    the model it started from (sft when there is one, else base), on the questions both answered."""
+    rl = report["training"].get("rl")
+    if not rl or "rl" not in report["tuned"]:
+        return []
+    rewards = rl["reward"]
+    half = max(1, len(rewards) // 2)
+    before, after = mean(rewards[:half]), mean(rewards[-half:])
+    if before is None or after is None or after <= before:
+        return []
+    start = "sft" if "sft" in report["tuned"] else report["base"]
+    sentences = []
+    for task, models in correct.items():
+        shared = sorted(set(models.get(start, {})) & set(models.get("rl", {})))
+        if not shared:
+            continue
+        b, a = [models[start][q] for q in shared], [models["rl"][q] for q in shared]
+        interval = difference_interval(b, a, resamples)
+        if interval[0] > 0:
+            continue  # accuracy rose too: no sign of reward hacking
+        trust = report["judges"]["calibration"] or {}
+        gold = "; ".join(
+            f"{label}'s gold accuracy {pct(e['accuracy'])} vs chance {pct(e['chance'])}"
+            for label, e in trust.items()
+            if e.get("calibrated")
+        )
+        sentences.append(
+            f"RL reward rose from {before:.3f} to {after:.3f} (first vs last {half} steps) while {task} accuracy "
+            f"{describe_change(mean(b), mean(a), interval)} ({start} → rl): the student learned to please the "
+            f"judges, not the facts" + (f" ({gold})" if gold else "")
+        )
+    return sentences
 
 
 def compare(
@@ -228,6 +293,9 @@ def verdict(report: dict[str, Any]) -> list[str]:
             if name == "rl" and rl and not rl["had_signal"]:
                 parts.append(rl["sentence"][0].upper() + rl["sentence"][1:] + ".")
             lines.append(" ".join(parts))
+    lines += [sentence + "." for sentence in report["reward_hacking"]]
+    for warning in report["judges"]["rl_warnings"]:
+        lines.append(f"RL was trained against a judge that failed its checks (allow_weak_judge): {warning}.")
     return lines
 
 
@@ -336,6 +404,7 @@ def plots(report: dict[str, Any]) -> list[str]:
     return charts
 
 
+@locks(lambda config: RunLayout.of(config).report)  # it writes into the eval dir
 def write_report(config: DistillConfig) -> dict[str, Path]:
     from distill_prompts import render
     from markupsafe import Markup

@@ -127,7 +127,8 @@ def read_text(path: Path) -> str:
 def jsonl_lines(path: Path) -> Iterator[tuple[int, dict[str, Any], str | None]]:
     """Every non-empty line of a JSONL file: (line number, the object, None), or (line number,
     {}, the problem) for a line that is not a JSON object. The one reader of JSONL data files."""
-    for number, line in enumerate(read_text(path).splitlines(), 1):
+    # Split on "\n" only: str.splitlines would also break at U+2028 / U+0085 inside JSON strings.
+    for number, line in enumerate(read_text(path).split("\n"), 1):
         if not line.strip():
             continue
         try:

@@ -26,6 +26,7 @@ from distill.errors import ConfigError, DistillError
 from distill.models import require_safetensors, resolve_model
 from distill.paths import RunLayout
 from distill.records import user_prompt
+from distill.runlock import empty_directory, locks
 from distill.runstore import read_rows, write_atomic, write_manifest
 
 log = logging.getLogger(__name__)
@@ -263,7 +264,7 @@ def resume_checkpoint(output_dir: Path, resume: bool, overwrite: bool) -> str | 
 def prepare_output(output_dir: Path, overwrite: bool) -> None:
     """Empty the output dir for --overwrite and create it, once every check has passed."""
     if overwrite and is_main_process():
-        shutil.rmtree(output_dir, ignore_errors=True)
+        empty_directory(output_dir)  # keeps the lock file: deleting it would let a second writer in
     output_dir.mkdir(parents=True, exist_ok=True)
 
 
@@ -326,6 +327,9 @@ def sft_split(config: DistillConfig) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path is not None and path.is_file() else None
 
 
+# Under torchrun / accelerate only rank 0 locks the output dir; the other ranks of the launch write
+# under its lock. A second launch on the same dir fails at its rank 0, and the launcher stops the rest.
+@locks(lambda config, **_: RunLayout.of(config).adapter("sft") if is_main_process() else None)
 def run_sft(
     config: DistillConfig, resume: bool = False, overwrite: bool = False, progress: bool = True
 ) -> dict[str, Any]:
@@ -462,6 +466,13 @@ def check_rl(config: DistillConfig, require_adapter: bool = True) -> None:
         raise ConfigError(problems)
 
 
+def rl_written_dirs(config: DistillConfig) -> list[Path | None]:
+    """RL writes its output dir and, checking its judges, the run's calibration answer log."""
+    layout = RunLayout.of(config)
+    return [layout.adapter("rl"), layout.calibration if config.run_dir is not None else None]
+
+
+@locks(lambda config, **_: rl_written_dirs(config) if is_main_process() else None)
 def run_rl(
     config: DistillConfig,
     resume: bool = False,
@@ -472,6 +483,7 @@ def run_rl(
     """GRPO (or RLOO) of the student against the judges' rewards; returns the summary."""
     from datasets import Dataset
 
+    from distill.calibration import check_rl_judges, refuse, reward_probe
     from distill.rewards import reward_functions
 
     check_rl(config)
@@ -479,10 +491,23 @@ def run_rl(
     layout = RunLayout.of(config)
     output_dir = layout.rl
     rewards, weights = reward_functions(config, teacher=judge_teacher)
+    # Can the judges be believed? Gold accuracy first (before the slow model load)...
+    calibration_dir = layout.calibration if config.run_dir is not None else None
+    warnings, calibration = check_rl_judges(config, calibration_dir, judge_teacher)
+    if warnings and not r.allow_weak_judge:
+        refuse(warnings)
     prompts = rl_prompts(config)
     start_adapter = layout.sft if r.start_from == "sft" else None
     checkpoint = resume_checkpoint(output_dir, resume, overwrite)  # before the slow model load
     model, tokenizer, base_path = load_student(train, adapter=start_adapter, trainable=True)
+    # ... then do their rewards vary on the policy's own completions? (GRPO learns nothing if not.)
+    probe = None
+    if r.probe_prompts and checkpoint is None:
+        probe = reward_probe(model, tokenizer, prompts, rewards, weights, r, train.seed)
+        if probe["problem"]:
+            warnings.append(probe["problem"])
+            if not r.allow_weak_judge:
+                refuse(warnings)
     peft_config = None if start_adapter is not None else lora_config(train, model)
     prepare_output(output_dir, overwrite)
 
@@ -536,6 +561,13 @@ def run_rl(
         "judges": [f.__name__ for f in rewards],
         "invalid_verdict_rate": round(sum(panel.invalid.values()) / verdicts, 4) if verdicts else None,
         "unscorable_rate": round(panel.unscorable / panel.judged, 4) if panel.judged else None,
+        "judge_warnings": warnings,  # non-empty only when trained anyway (allow_weak_judge)
+        "reward_probe": probe,
+        "judge_calibration": {
+            label: {k: entry.get(k) for k in ("accuracy", "interval", "chance", "above_chance")}
+            for label, entry in calibration["judges"].items()
+            if entry.get("calibrated")
+        },
         "metrics": {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))},
     }
     if trainer.is_world_process_zero():

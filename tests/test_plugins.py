@@ -193,3 +193,39 @@ def test_readme_file_tree_lists_every_tracked_file() -> None:
         if not any(path.startswith(e) if e.endswith("/") else fnmatch.fnmatch(path, e) for e in entries)
     ]
     assert missing == [], "add these to the README's Files section"
+
+
+def test_the_readme_teacher_plugin_works_and_caches_safely(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The `register_teachers` example in the README, registered at run time like an installed
+    plugin: it answers, its answer-changing option keys the cache, its speed-only option doesn't."""
+    import types
+
+    from distill.answers import AnswerSource
+    from distill.config import TeacherConfig
+    from distill.plugins import load_plugins
+
+    monkeypatch.setenv("DISTILL_HOME", str(tmp_path))
+    section = (REPO / "README.md").read_text().split("### `register_teachers(register)`", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    module = types.ModuleType("readme_teacher_plugin")
+    exec(compile(code, "README.md", "exec"), module.__dict__)
+    load_plugins().register(module, name="readme_teacher_plugin")
+    get_teachers.cache_clear()
+
+    def ask(**options: Any) -> tuple[str, int]:
+        config = TeacherConfig(backend="shout", model="any", options=options)
+        source = AnswerSource.for_teacher(config, None, log=None, cache=True)
+        try:
+            [result] = source.generate([config.request("hello")])
+        finally:
+            source.close()
+        return result.text, source.counts.sent
+
+    try:
+        assert ask() == ("HELLO!", 1)
+        assert ask() == ("HELLO!", 0)  # from the cache
+        assert ask(suffix="?") == ("HELLO?", 1)  # an option that changes answers: asked again
+        assert ask(max_concurrency=16) == ("HELLO!", 0)  # a speed-only option: still cached
+    finally:
+        load_plugins().unregister(name="readme_teacher_plugin")
+        get_teachers.cache_clear()

@@ -45,7 +45,9 @@ def longer_wins(request: ChatRequest, k: int) -> str:
     return json.dumps({"better": "B" if len(b) > len(a) else "A"})
 
 
-def eval_config(tmp_path: Path, tuned_right: int, run_dir: Path | None = None) -> DistillConfig:
+def eval_config(
+    tmp_path: Path, tuned_right: int, run_dir: Path | None = None, tuned: tuple[str, ...] = ("sft",)
+) -> DistillConfig:
     questions = tmp_path / "questions.jsonl"
     questions.write_text(
         "".join(
@@ -64,7 +66,7 @@ def eval_config(tmp_path: Path, tuned_right: int, run_dir: Path | None = None) -
     settings = {
         "run_dir": str(run_dir or tmp_path / "run"),
         "eval": {
-            "models": [model("base", "base"), model("sft", "tuned"), model("teacher", "teacher")],
+            "models": [model("base", "base"), *(model(name, "tuned") for name in tuned), model("teacher", "teacher")],
             "tasks": [{"type": "jsonl", "options": {"path": str(questions)}}],
             "style_items": 10,
             "bootstrap": 1000,
@@ -201,6 +203,9 @@ def test_the_report_renders_in_a_real_browser(scripted: dict[str, Any], tmp_path
     (run_dir / "judge").mkdir()
     summary = {"dataset": str(run_dir), "judges": {"rubric:helpfulness": {"items": 24, "classes": {"A": 24}}}}
     (run_dir / "judge" / "manifest.json").write_text(json.dumps({"summary": summary}))
+    from distill.calibration import run_calibration
+
+    run_calibration(config, run_dir / "calibration")
     page = write_report(config)["html"]
     check = inspect_page(browser, page.as_uri(), artifact_dir() / "report.png")
     assert check.console_errors == []
@@ -209,4 +214,36 @@ def test_the_report_renders_in_a_real_browser(scripted: dict[str, Any], tmp_path
     assert "judges.rubric:helpfulness.classes.A\t24" in check.text  # a table row, not escaped JSON
     assert "&quot;" not in check.text and '{"' not in check.text
     assert "1000000" * 25 in check.text  # the long answer is on the page
+    assert "Can the judges be believed?" in check.text and "pairwise:helpfulness\t50.0%" in check.text
     assert check.screenshot.stat().st_size > 10_000
+
+
+def test_rl_reward_rising_without_accuracy_is_named_beside_the_judges_calibration(
+    scripted: dict[str, Any], tmp_path: Path
+) -> None:
+    from distill.calibration import run_calibration
+
+    scripted.update(base=answerer(4), sft=answerer(6), rl=answerer(6, " indeed"), teacher=answerer(12))
+    scripted[JUDGE_SCRIPT] = longer_wins
+    config = eval_config(tmp_path, 6, tuned=("sft", "rl"))
+    run_dir = Path(config.run_dir)  # type: ignore[arg-type]
+    calibration = run_calibration(config, run_dir / "calibration")
+    (run_dir / "rl").mkdir(parents=True)
+    steps = [{"step": s, "reward": 0.3 + 0.2 * s, "reward_std": 0.3, "frac_reward_zero_std": 0.25} for s in range(1, 5)]
+    (run_dir / "rl" / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in steps))
+    run_eval(config)
+    report = json.loads(write_report(config)["json"].read_text())
+
+    # A judge that prefers the longer answer is right on the gold pairs only where the better answer
+    # happens to be the longer one: half of them, by construction of the gold file.
+    style = calibration["judges"]["pairwise:helpfulness"]
+    assert style["accuracy"] == pytest.approx(0.5) and not style["above_chance"]
+    assert report["judges"]["calibration"]["pairwise:helpfulness"]["warnings"] == style["warnings"]
+    # rl answers exactly what sft answers right: the reward rose (0.6 → 1.0 over the halves), accuracy didn't.
+    [hacking] = report["reward_hacking"]
+    assert hacking.startswith("RL reward rose from 0.600 to 1.000 (first vs last 2 steps) while jsonl accuracy")
+    assert "showed no measurable change (30.0% → 30.0%" in hacking and "learned to please the judges" in hacking
+    assert "pairwise:helpfulness's gold accuracy 50.0% vs chance 50.0%" in hacking
+    assert hacking + "." in report["verdict"]
+    page = (run_dir / "eval" / "report.html").read_text()
+    assert "Can the judges be believed?" in page and "is not above chance" in page

@@ -40,6 +40,7 @@ def tiny_run_args(base_url: str, run_dir: Path) -> list[str]:
         "generate.max_tokens": 320,
         "generate.temperature": 0.7,
         "judge.cache": "false",
+        "judge.calibration_items": 4,
         "train.student": TEACHER_MODEL,
         "train.report_to": "[tensorboard]",
         "train.sft.max_steps": 4,
@@ -115,12 +116,16 @@ def test_distill_run_killed_in_training_resumes_and_never_leaks_the_key(
     assert scores["teacher"]["accuracy"] == pytest.approx(len(teacher_right) / 6)
     assert set(summary["style"]) == {"base", "sft", "rl"}
     report = json.loads((run_dir / "eval" / "report.json").read_text())
-    assert len(report["verdict"]) == 2 and all(" accuracy " in line for line in report["verdict"])
+    students = [line for line in report["verdict"] if line.startswith(("sft:", "rl:"))]
+    assert len(students) == 2 and all(" accuracy " in line for line in students)
+    # The 135M judge answers one class to every gold item: never above chance, and RL trained
+    # through that only because the quickstart allows it, which the report must say.
+    assert any(line.startswith("RL was trained against a judge that failed its checks") for line in report["verdict"])
     assert "<svg" in (run_dir / "eval" / "report.html").read_text()
     assert report["verdict"][0] in result.stdout
 
     again = run_distill(*args, env=env)  # everything done: all stages skipped, nothing sent
-    assert again.returncode == 0 and again.stderr.count("done earlier, skipped") == 6
+    assert again.returncode == 0 and again.stderr.count("done earlier, skipped") == 7
 
     # A dry run of pushing the dataset and the adapter, with their cards.
     pushes = [
