@@ -96,15 +96,48 @@ set_option = click.option(
 
 @click.group()
 @click.version_option(__version__, prog_name="distill")
-@click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")
-def cli(verbose: int) -> None:
+@click.option("-v", "--verbose", count=True, help="More log output (-v info, and the engines' own logs; -vv debug).")
+@click.pass_context
+def cli(context: click.Context, verbose: int) -> None:
     """distill: turn a teacher LLM into training data and a better student model, and measure
     how much the student really learned."""
     if _plugin_error is not None:
         click.echo(f"error: {_plugin_error}", err=True)
         sys.exit(_plugin_error.exit_code)
+    context.ensure_object(dict)["verbose"] = verbose
     level = os.environ.get("DISTILL_LOG_LEVEL") or ["WARNING", "INFO", "DEBUG"][min(verbose, 2)]
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+def quiet_libraries(config: Any) -> Path | None:
+    """Unless -v: the terminal shows distill's own progress and summaries only. Engine logs (vLLM
+    and its workers), library progress bars and Python warnings go to RUN_DIR/logs/engines.log
+    (or $DISTILL_HOME/logs/ without a run dir). Returns the log file, or None with -v."""
+    from distill.paths import ENGINE_LOG_ENV, distill_home
+
+    if click.get_current_context().find_root().obj.get("verbose"):
+        return None
+    folder = config.run_dir / "logs" if config.run_dir is not None else distill_home() / "logs"
+    log_file = folder / "engines.log"  # created by the first line written: a refused run writes nothing
+    os.environ.setdefault(ENGINE_LOG_ENV, str(log_file))
+    os.environ.setdefault("TQDM_DISABLE", "1")  # vLLM's and transformers' loading bars
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    warnings_log = logging.getLogger("py.warnings")
+    if not warnings_log.handlers:
+        logging.captureWarnings(True)
+        handler = FileHandlerMakingFolders(log_file, delay=True)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s"))
+        warnings_log.addHandler(handler)
+        warnings_log.propagate = False
+    return log_file
+
+
+class FileHandlerMakingFolders(logging.FileHandler):
+    """A log file (and its folder) that appears with its first line."""
+
+    def _open(self) -> Any:
+        Path(self.baseFilename).parent.mkdir(parents=True, exist_ok=True)
+        return super()._open()
 
 
 @cli.command()
@@ -161,6 +194,7 @@ def ask(
         "run_dir": run_dir,
     }
     config = load_config(config_path, [*overrides, *cli_overrides(flags)])
+    quiet_libraries(config)
     questions = list(prompts) or config.ask.prompts
     if not questions:
         raise DistillError("nothing to ask: give prompts as arguments or list them in ask.prompts")
@@ -236,6 +270,7 @@ def generate(
 
     flags = {"teacher.backend": backend, "teacher.model": model, "generate.target": target, "run_dir": run_dir}
     config = load_config(config_path, [*overrides, *cli_overrides(flags, no_cache)])
+    quiet_libraries(config)
     with StageProgress("generate", config.generate.target, "kept", enabled=not no_progress) as bar:
         summary = run_generate(
             config, progress=lambda state, seconds: bar.update(len(state.kept), generate_detail(state, seconds))
@@ -309,6 +344,7 @@ def judge(
     if rubrics:
         flags["judge.judges"] = json.dumps([{"type": judge_type, "rubric": rubric} for rubric in rubrics])
     config = load_config(config_path, [*overrides, *cli_overrides(flags, no_cache)])
+    quiet_libraries(config)
     out_dir = RunLayout.of(config).root  # a judge run's own directory
     if dataset is None and not calibrate:
         raise DistillError("give a DATASET to judge, or --calibrate to measure the judges on their gold sets")
@@ -443,6 +479,7 @@ def train_sft(
     from distill.train import run_sft
 
     config = _train_config("sft", config_path, overrides, student, run_dir, max_steps, no_cache)
+    quiet_libraries(config)
     summary = run_sft(config, resume=resume, overwrite=overwrite, progress=not no_progress)
     click.echo(json.dumps(summary, indent=2))
 
@@ -484,6 +521,7 @@ def train_rl(
 
     weak = ("train.rl.allow_weak_judge=true",) if allow_weak_judge else ()
     config = _train_config("rl", config_path, (*overrides, *weak), student, run_dir, max_steps, no_cache)
+    quiet_libraries(config)
     summary = run_rl(config, resume=resume, overwrite=overwrite, progress=not no_progress)
     click.echo(json.dumps(summary, indent=2))
 
@@ -586,6 +624,7 @@ def evaluate(
         tasks = [{"type": t, "options": {"limit": limit} if limit else {}} for t in task_types]
         flags["eval.tasks"] = json.dumps(tasks)
     config = load_config(config_path, [*overrides, *cli_overrides(flags, no_cache)])
+    quiet_libraries(config)
     if limit and not task_types:
         for spec in config.eval.tasks:
             spec.options["limit"] = limit
@@ -655,6 +694,7 @@ def run(
 
     weak = {"train.rl.allow_weak_judge": "true" if allow_weak_judge else None}
     config = load_config(config_path, [*overrides, *cli_overrides({"run_dir": run_dir, **weak}, no_cache)])
+    quiet_libraries(config)
     chosen = tuple(s.strip() for s in stages.split(",")) if stages else STAGES
     results = run_pipeline(config, chosen, echo=lambda line: click.echo(line, err=True))
     if "report" in results:

@@ -24,6 +24,10 @@ if TYPE_CHECKING:
     from distill.config import DistillConfig
 
 
+ENGINE_LOG_ENV = "DISTILL_ENGINE_LOG"
+"""Set by the CLI (unless -v) to the file where teacher engines (vLLM, ...) write their logs."""
+
+
 def distill_home() -> Path:
     """Where prepared models and caches live: ``$DISTILL_HOME``, default ``~/.cache/distill``."""
     return Path(os.environ.get("DISTILL_HOME") or Path.home() / ".cache" / "distill").expanduser()

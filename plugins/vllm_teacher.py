@@ -18,6 +18,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -25,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field
 import distill
 from distill.errors import TeacherError
 from distill.models import resolve_model
+from distill.paths import ENGINE_LOG_ENV
 from distill.records import ChatRequest, ChatResult, TeacherFailure, TokenLogprob, Usage
 from distill.teacher import Teacher
 
@@ -71,8 +73,10 @@ class VllmTeacher(Teacher):
 
     def __init__(self, model: str, options: BaseModel):
         super().__init__(model, options)
+        engine_log = os.environ.get(ENGINE_LOG_ENV)  # set by the CLI unless -v: the engine's chatter goes there
         try:
-            import vllm
+            with output_to(engine_log):
+                import vllm
         except ImportError as exc:
             raise TeacherError(
                 f"the vllm teacher needs vLLM ({exc}): pip install 'distill[gpu]' on GPU machines, "
@@ -88,7 +92,9 @@ class VllmTeacher(Teacher):
             # (measured on SmolLM2-135M, 2 cores: 20 tok/s bf16 vs 103 tok/s float32).
             dtype = "float32"
         try:
-            with self.watchdog.marking():  # every process the engine starts carries the mark
+            # Every process the engine starts carries the watchdog's mark, and inherits the engine
+            # log as its stdout and stderr (vLLM's workers log there, not on the user's terminal).
+            with self.watchdog.marking(), output_to(engine_log):
                 self.llm = vllm.LLM(
                     model=resolve_model(model),
                     tensor_parallel_size=opts.tensor_parallel_size,
@@ -100,9 +106,13 @@ class VllmTeacher(Teacher):
                     trust_remote_code=opts.trust_remote_code,
                     **{"load_format": "safetensors", **opts.engine_args},  # never pickles, unless asked for
                 )
-        except BaseException:
+        except BaseException as exc:
             self.watchdog.stop()
+            if engine_log and isinstance(exc, Exception):
+                raise TeacherError(f"the vLLM engine did not start: {exc} (its log: {engine_log})") from exc
             raise
+        if engine_log:
+            log_to_file("vllm", engine_log)
         tokenizer = self.llm.get_tokenizer()
         self.chat_template: str | None = None
         if not getattr(tokenizer, "chat_template", None):
@@ -348,6 +358,43 @@ def _has_cuda() -> bool:
         return torch.cuda.is_available()
     except ImportError:
         return False
+
+
+@contextmanager
+def output_to(path: str | None) -> Iterator[None]:
+    """Point this process's stdout and stderr (file descriptors 1 and 2, so C libraries and the
+    processes started meanwhile, which inherit them, too) at ``path`` for the block; None: leave
+    them alone."""
+    if not path:
+        yield
+        return
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = (os.dup(1), os.dup(2))
+    target = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        os.dup2(target, 1)
+        os.dup2(target, 2)
+        yield
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in (*saved, target):
+            os.close(fd)
+
+
+def log_to_file(logger_name: str, path: str) -> None:
+    """Send a library's Python logger to ``path`` instead of the terminal from now on."""
+    logger = logging.getLogger(logger_name)
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logger.addHandler(handler)
+    logger.propagate = False
 
 
 @distill.hookimpl

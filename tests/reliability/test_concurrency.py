@@ -379,11 +379,12 @@ def test_sigkill_of_distill_with_the_vllm_teacher_leaves_no_process_behind(
     for option in ("enforce_eager=true", "max_model_len=2048", "cpu_kv_cache_gib=1"):
         args += ["--set", f"teacher.options.{option}"]
     tree: list[psutil.Process] = []
+    terminal = (tmp_path / "terminal.txt").open("w")  # what a user would see, stdout and stderr
     distill = subprocess.Popen(
         [sys.executable, "-m", "distill.cli", *args],
         cwd=REPO,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stdout=terminal,
+        stderr=terminal,
         start_new_session=True,  # its own process group: the kill below is of the one process only
     )
     try:
@@ -410,6 +411,16 @@ def test_sigkill_of_distill_with_the_vllm_teacher_leaves_no_process_behind(
         for process in tree:  # whatever the outcome, leave nothing running
             with contextlib.suppress(psutil.Error):
                 process.kill()
+    terminal.close()
+    # A quiet terminal (no -v): the engine's logs, warnings and loading bars went to the run's log.
+    shown = (tmp_path / "terminal.txt").read_text()
+    engine_log = (run_dir / "logs" / "engines.log").read_text()
+    assert "vllm" not in shown.lower() and "Warning" not in shown and "INFO" not in shown, shown[-2000:]
+    assert "EngineCore" in engine_log and "INFO" in engine_log
+    measure(
+        "vllm teacher: engine log lines on the terminal without -v",
+        sum("vllm" in line.lower() for line in shown.splitlines()),
+    )
     measure("vllm teacher: processes started by distill", f"{len(tree)} ({', '.join(names)})")
     measure("vllm teacher: alive 10 s after SIGKILL of distill", len(left))
     measure("vllm teacher: seconds until all were gone", round(seconds, 1))
