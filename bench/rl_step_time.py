@@ -67,6 +67,7 @@ def main() -> None:
                 "train.rl.num_generations=4",
                 "train.rl.max_completion_length=64",
                 "train.report_to=[]",
+                "train.rl.allow_weak_judge=true",  # timing the step, not judging the judge
             ],
         )
         run_rl(config, progress=False)

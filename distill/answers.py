@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import sqlite3
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -18,10 +19,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from distill.ledger import Ledger, Pricing
 from distill.paths import distill_home
 from distill.records import ChatRequest, ChatResult
 from distill.runstore import JsonlLog
-from distill.teacher import Teacher, load_teacher, raise_on_fatal, teacher_identity
+from distill.teacher import Teacher, raise_on_fatal, teacher_identity
+
+log = logging.getLogger(__name__)
 
 
 class RequestCache:
@@ -98,6 +102,11 @@ class AnswerSource:
     the teacher; successful new answers are appended to the log and the cache *before* they are
     returned, so a crash right after loses nothing. Failures are returned, never saved: a rerun
     retries them. A fatal failure raises ``TeacherError`` after the good answers are saved.
+
+    With a ``ledger``, every new answer's usage and price is recorded there before it is logged,
+    and each batch is checked against the run's budget before anything is sent (see
+    ``distill.ledger``). The teacher gets a jobs file beside the answer log
+    (``Teacher.generate_resumable``), where a batch-mode backend records the jobs it submits.
     """
 
     load_teacher: Callable[[], Teacher]
@@ -110,6 +119,23 @@ class AnswerSource:
     _teacher: Teacher | None = None
     owns_teacher: bool = True
     _saved: dict[str, ChatResult] | None = None
+    ledger: Ledger | None = None
+    options: Any = None
+    """The teacher's validated options (its prices and mode live there); None: unknown."""
+
+    @property
+    def pricing(self) -> Pricing:
+        return Pricing(self.teacher_class, self.model, self.options)
+
+    @property
+    def bulk(self) -> bool:
+        """The teacher sends requests as a provider batch job: hand it everything at once."""
+        return self.options is not None and self.teacher_class.bulk_submission(self.options)
+
+    @property
+    def jobs(self) -> Path | None:
+        """Where a batch-mode teacher records its jobs: beside the answer log."""
+        return self.log.path.with_name(self.log.path.stem + ".batches.jsonl") if self.log is not None else None
 
     @property
     def supports_response_format(self) -> bool:
@@ -127,15 +153,36 @@ class AnswerSource:
 
     @property
     def saved(self) -> dict[str, ChatResult]:
+        """The run log's answers by request id, from this teacher only: an answer logged under
+        another identity (another model, an adapter retrained in place, an option that changes
+        answers) is asked again, never replayed as if this teacher had given it."""
         if self._saved is None:
             rows = self.log.read() if self.log is not None else []
-            self._saved = {row["request_id"]: ChatResult.model_validate(row["result"]) for row in rows}
+            mine = self.identity_key
+            stale = [row for row in rows if row.get("teacher", mine) != mine]  # rows without it: older logs
+            if stale:
+                log.warning(
+                    "%s: %d saved answers came from another teacher configuration; asking again",
+                    self.log.path if self.log else "",
+                    len({row["request_id"] for row in stale}),
+                )
+            self._saved = {
+                row["request_id"]: ChatResult.model_validate(row["result"])
+                for row in rows
+                if row.get("teacher", mine) == mine
+            }
         return self._saved
+
+    @property
+    def identity_key(self) -> str:
+        """A short hash of the teacher identity, stamped on every answer-log row."""
+        return hashlib.sha256(json.dumps(self.identity, sort_keys=True).encode()).hexdigest()[:16]
 
     def generate(self, requests: list[ChatRequest]) -> list[ChatResult]:
         self.counts.requests += len(requests)
         answers: dict[str, ChatResult] = {}
         new_rows = []
+        hits: list[tuple[ChatRequest, ChatResult]] = []
         for request in requests:
             if request.id in answers:
                 continue
@@ -145,24 +192,38 @@ class AnswerSource:
             elif self.cache is not None and (hit := self.cache.get(RequestCache.key(self.identity, request))):
                 answers[request.id] = hit
                 self.counts.cached += 1
-                new_rows.append(_log_row(request, hit))
+                new_rows.append(_log_row(request, hit, self.identity_key))
+                hits.append((request, hit))
         to_send = list({r.id: r for r in requests if r.id not in answers}.values())
+        log_name = self.log.path.name if self.log is not None else None
+        if self.ledger is not None and hits:
+            self.ledger.record(self.pricing, hits, "cache", log_name)
         if self.log is not None:
             self.log.append(new_rows)
         if to_send:
-            results = self.teacher.generate(to_send)
+            if self.ledger is not None:
+                self.ledger.check_budget(self.pricing, to_send)  # before the teacher even loads
+            results = self._send(to_send)
             arrived = datetime.now(timezone.utc).isoformat()
             results = [res if res.created else res.model_copy(update={"created": arrived}) for res in results]
             self.counts.sent += len(to_send)
             good = [(r, res) for r, res in zip(to_send, results) if res.ok]
+            if self.ledger is not None:  # before the answer log: a kill in between shows a re-sent request twice
+                paid = [(r, res) for r, res in zip(to_send, results) if res.ok or res.usage.prompt_tokens]
+                self.ledger.record(self.pricing, paid, "teacher", log_name)
             if self.log is not None:
-                self.log.append(_log_row(r, res) for r, res in good)
+                self.log.append(_log_row(r, res, self.identity_key) for r, res in good)
             if self.cache is not None:
                 self.cache.put_many([(RequestCache.key(self.identity, r), res) for r, res in good])
             raise_on_fatal(results)  # after saving what succeeded
             answers.update({r.id: res for r, res in zip(to_send, results)})
         self.saved.update((request_id, answer) for request_id, answer in answers.items() if answer.ok)
         return [answers[r.id] for r in requests]
+
+    def _send(self, requests: list[ChatRequest]) -> list[ChatResult]:
+        teacher = self.teacher
+        resumable = getattr(teacher, "generate_resumable", None)  # a duck-typed teacher has only generate
+        return resumable(requests, self.jobs) if resumable is not None else teacher.generate(requests)
 
     def close(self) -> None:
         if self.cache is not None:
@@ -171,21 +232,45 @@ class AnswerSource:
             self._teacher.close()
 
     @classmethod
-    def for_teacher(cls, config: Any, teacher: Teacher | None, log: JsonlLog | None, cache: bool) -> AnswerSource:
-        """An answer source for a ``TeacherConfig``; ``teacher`` (already loaded, not owned) if given."""
+    def for_teacher(
+        cls,
+        config: Any,
+        teacher: Teacher | None,
+        log: JsonlLog | None,
+        cache: bool,
+        ledger: Ledger | None = None,
+        executor: Any = None,
+    ) -> AnswerSource:
+        """An answer source for a ``TeacherConfig``; ``teacher`` (already loaded, not owned) if given;
+        ``ledger`` records what its answers cost and keeps the run's budget; ``executor`` (the run's
+        DistillConfig; None: this process) says where a teacher loaded here runs (``distill.executor``)."""
+        from distill.executor import load_teacher as load_teacher_on
         from distill.plugins import get_teachers
 
+        teachers = get_teachers()
+        options = (
+            getattr(teacher, "options", None)
+            if teacher is not None
+            else teachers.options(config.backend, config.options)
+        )
         return cls(
-            load_teacher=lambda: load_teacher(config),
+            load_teacher=lambda: load_teacher_on(config, executor),
             identity=teacher_identity(config, teacher),
-            teacher_class=type(teacher) if teacher is not None else get_teachers()[config.backend],
+            teacher_class=type(teacher) if teacher is not None else teachers[config.backend],
             model=teacher.model if teacher is not None else config.model,
             log=log,
             cache=RequestCache() if cache else None,
             _teacher=teacher,
             owns_teacher=teacher is None,
+            ledger=ledger,
+            options=options,
         )
 
 
-def _log_row(request: ChatRequest, result: ChatResult) -> dict[str, Any]:
-    return {"request_id": request.id, "request": request.model_dump(), "result": result.model_dump()}
+def _log_row(request: ChatRequest, result: ChatResult, teacher: str) -> dict[str, Any]:
+    return {
+        "request_id": request.id,
+        "teacher": teacher,
+        "request": request.model_dump(),
+        "result": result.model_dump(),
+    }

@@ -31,6 +31,7 @@ from typing import Any
 from distill.config import DistillConfig, JudgeSpec
 from distill.judge import Judge, load_judge
 from distill.judging import judge_answer_source
+from distill.ledger import stage_cost
 from distill.records import JudgeItem
 from distill.runstore import jsonl_lines, write_atomic
 from distill.stats import bootstrap_interval, mean, pct
@@ -78,7 +79,7 @@ def calibrate(
     """Calibrate ``specs`` (default: every judge the run relies on), asking through the answer log
     in ``out_dir`` (when given) and the request cache."""
     started = time.perf_counter()
-    answers = judge_answer_source(config, out_dir, teacher)
+    answers = judge_answer_source(config, out_dir, teacher, stage="calibrate")
     judge_model = config.judge.teacher or config.teacher
     self_judging = judge_model.backend == config.teacher.backend and judge_model.model == config.teacher.model
     results: dict[str, Any] = {}
@@ -98,6 +99,7 @@ def calibrate(
         "requests": answers.counts.requests,
         "sent_to_teacher": answers.counts.sent,
         "seconds": round(time.perf_counter() - started, 1),
+        "cost": stage_cost(out_dir, "calibrate") if out_dir is not None else None,
     }
 
 

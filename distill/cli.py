@@ -66,7 +66,11 @@ def storage_error(exc: BaseException) -> OSError | None:
 
 
 def cli_overrides(flags: dict[str, Any], no_cache: bool = False) -> list[str]:
-    """Command-line flags as ``--set`` overrides (flags left unset are skipped)."""
+    """Command-line flags as ``--set`` overrides (flags left unset are skipped); ``--executor``
+    (remembered by its option) too."""
+    context = click.get_current_context(silent=True)
+    executor = context.meta.get(EXECUTOR_KEY) if context is not None else None
+    flags = {**flags, "executor": executor} if executor is not None else flags
     return [*(f"{key}={value}" for key, value in flags.items() if value is not None), *(NO_CACHE if no_cache else ())]
 
 
@@ -92,6 +96,41 @@ set_option = click.option(
     metavar="FIELD.PATH=VALUE",
     help="Override a config field, e.g. --set teacher.temperature=0.2 (repeatable).",
 )
+EXECUTOR_KEY = "distill.executor"
+executor_option = click.option(
+    "--executor",
+    type=click.Choice(["local", "ray"]),
+    expose_value=False,  # read back by cli_overrides: no command signature changes
+    callback=lambda context, _, value: context.meta.__setitem__(EXECUTOR_KEY, value) if value else None,
+    help="Where teachers run: local (this process) or ray (ray.num_replicas Ray actors; sets executor).",
+)
+dry_run_option = click.option(
+    "--dry-run",
+    is_flag=True,
+    help="Print the cost estimate (requests, tokens, USD low–high, whether it fits budget_usd); send nothing.",
+)
+force_option = click.option(
+    "--force",
+    is_flag=True,
+    help="Start even when the estimate's upper bound is above budget_usd (the run still stops before any "
+    "batch that could cross the budget).",
+)
+
+
+def budget_gate(config: Any, stages: tuple[str, ...], dry_run: bool, force: bool, **where: Any) -> bool:
+    """``--dry-run``: print the estimate of ``stages`` and return True (the command stops there).
+    With ``budget_usd``: refuse to start when the estimate's upper bound doesn't fit, unless
+    ``--force``. Either way nothing is sent or written."""
+    if not dry_run and (config.budget_usd is None or force):
+        return False
+    from distill.estimate import estimate, print_estimate, refuse_over_budget
+
+    found = estimate(config, stages, **where)
+    if dry_run:
+        print_estimate(found, click.echo)
+        return True
+    refuse_over_budget(found, force)
+    return False
 
 
 @click.group()
@@ -116,10 +155,11 @@ def quiet_libraries(config: Any) -> Path | None:
     from distill.paths import ENGINE_LOG_ENV, distill_home
 
     if click.get_current_context().find_root().obj.get("verbose"):
+        os.environ.pop(ENGINE_LOG_ENV, None)
         return None
     folder = config.run_dir / "logs" if config.run_dir is not None else distill_home() / "logs"
     log_file = folder / "engines.log"  # created by the first line written: a refused run writes nothing
-    os.environ.setdefault(ENGINE_LOG_ENV, str(log_file))
+    os.environ[ENGINE_LOG_ENV] = str(log_file)
     os.environ.setdefault("TQDM_DISABLE", "1")  # vLLM's and transformers' loading bars
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     warnings_log = logging.getLogger("py.warnings")
@@ -244,6 +284,9 @@ def _save_answers(run_dir: Path, config: dict[str, Any], requests: list[Any], re
 @click.option("--run-dir", type=click.Path(path_type=Path), help="Where the run's files go (resumes if present).")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @no_cache_option
+@executor_option
+@dry_run_option
+@force_option
 @handle_errors
 def generate(
     config_path: Path | None,
@@ -254,6 +297,8 @@ def generate(
     run_dir: Path | None,
     no_progress: bool,
     no_cache: bool,
+    dry_run: bool,
+    force: bool,
 ) -> None:
     """Generate Alpaca-style instruction data by self-instruct from the teacher.
 
@@ -270,6 +315,8 @@ def generate(
 
     flags = {"teacher.backend": backend, "teacher.model": model, "generate.target": target, "run_dir": run_dir}
     config = load_config(config_path, [*overrides, *cli_overrides(flags, no_cache)])
+    if budget_gate(config, ("generate",), dry_run, force):
+        return
     quiet_libraries(config)
     with StageProgress("generate", config.generate.target, "kept", enabled=not no_progress) as bar:
         summary = run_generate(
@@ -303,6 +350,9 @@ def generate(
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @no_cache_option
+@executor_option
+@dry_run_option
+@force_option
 @handle_errors
 def judge(
     dataset: Path | None,
@@ -319,6 +369,8 @@ def judge(
     as_json: bool,
     no_progress: bool,
     no_cache: bool,
+    dry_run: bool,
+    force: bool,
 ) -> None:
     """Score DATASET with judges and write judgements.jsonl and judge_summary.json.
 
@@ -348,6 +400,9 @@ def judge(
     out_dir = RunLayout.of(config).root  # a judge run's own directory
     if dataset is None and not calibrate:
         raise DistillError("give a DATASET to judge, or --calibrate to measure the judges on their gold sets")
+    planned = (("calibrate",) if calibrate else ()) + (("judge",) if dataset is not None else ())
+    if budget_gate(config, planned, dry_run, force, dataset=_limited(dataset, limit), judge_dir=out_dir):
+        return
     summary: dict[str, Any] = {}
     with locked(out_dir):  # one writer, from the --limit subset through --robustness
         if calibrate:
@@ -378,6 +433,8 @@ def judge(
             f"{label}: {entry['valid']}/{entry['items']} valid ({entry['invalid_rate']:.0%} invalid)  "
             f"mean reward {reward}  classes {entry['classes']}{extra}"
         )
+    if "cost" in summary:
+        click.echo(f"cost: {summary['cost']['text']}")
     for report in summary.get("robustness", []):
         click.echo(f"robustness of {report['judge']} (attack success rate):")
         for name, attack in report["attacks"].items():
@@ -402,6 +459,20 @@ def calibration_line(label: str, entry: dict[str, Any]) -> str:
     return line + "".join(f"\n  warning: {warning}" for warning in entry["warnings"])
 
 
+def _limited(dataset: Path | None, limit: int | None) -> Path | None:
+    """DATASET, or its first ``limit`` rows in a temporary file (for an estimate: writes nothing in the run)."""
+    if dataset is None or limit is None:
+        return dataset
+    import tempfile
+
+    from distill.runstore import read_rows
+
+    handle = tempfile.NamedTemporaryFile("w", suffix=".jsonl", delete=False, encoding="utf-8")  # noqa: SIM115
+    with handle:
+        handle.writelines(json.dumps(row, ensure_ascii=False, default=str) + "\n" for row in read_rows(dataset)[:limit])
+    return Path(handle.name)
+
+
 def _first_rows(dataset: Path, limit: int, out_dir: Path) -> Path:
     """The first ``limit`` rows of DATASET as a JSONL file in the run dir (so reruns see the same rows)."""
     from distill.runstore import read_rows, write_atomic
@@ -415,7 +486,8 @@ def _first_rows(dataset: Path, limit: int, out_dir: Path) -> Path:
 
 @cli.group()
 def train() -> None:
-    """Train the student: LoRA SFT on the teacher's data, then RL against judge rewards."""
+    """Train the student: LoRA SFT on the teacher's data, KD from its token distributions, then RL
+    against judge rewards."""
 
 
 train_options = [
@@ -526,6 +598,42 @@ def train_rl(
     click.echo(json.dumps(summary, indent=2))
 
 
+@train.command("kd")
+@with_train_options
+@click.option("--mode", type=click.Choice(["offline", "on-policy"]), help="Sets train.kd.mode (default offline).")
+@handle_errors
+def train_kd(
+    config_path: Path | None,
+    overrides: tuple[str, ...],
+    student: str | None,
+    run_dir: Path | None,
+    max_steps: int | None,
+    resume: bool,
+    overwrite: bool,
+    no_progress: bool,
+    no_cache: bool,
+    mode: str | None,
+) -> None:
+    """Distil the teacher's token distributions into the student (LoRA; same tokenizer).
+
+    offline: KL to the teacher's top-K logprobs captured by `distill generate` with
+    generate.capture_logprobs=K, mixed with cross-entropy (train.kd.alpha, train.kd.temperature).
+    on-policy: TRL's DistillationTrainer (GKD): the student samples, the teacher scores.
+    Outputs like `train sft`, in RUN_DIR/kd. A tokenizer mismatch stops before any model loads.
+
+    \b
+    distill train kd -c my.yaml --mode offline
+    distill train kd -c my.yaml --mode on-policy --set train.kd.beta=0.5 --max-steps 50
+    """
+    from distill.kd import run_kd
+
+    extra = (f"train.kd.mode={mode}",) if mode else ()
+    config = _train_config("kd", config_path, (*overrides, *extra), student, run_dir, max_steps, no_cache)
+    quiet_libraries(config)
+    summary = run_kd(config, resume=resume, overwrite=overwrite, progress=not no_progress)
+    click.echo(json.dumps(summary, indent=2))
+
+
 @cli.command()
 @click.argument("adapter_dir", type=click.Path(path_type=Path))
 @click.option("--merge", is_flag=True, required=True, help="Merge the LoRA adapter into the base weights.")
@@ -596,6 +704,9 @@ def push(path: Path, repo_id: str, private: bool, dry_run: bool, staging: Path |
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @no_cache_option
+@executor_option
+@dry_run_option
+@force_option
 @handle_errors
 def evaluate(
     config_path: Path | None,
@@ -606,6 +717,8 @@ def evaluate(
     as_json: bool,
     no_progress: bool,
     no_cache: bool,
+    dry_run: bool,
+    force: bool,
 ) -> None:
     """Answer held-out factual questions with every model (base student, tuned students,
     teacher), score them with bootstrap intervals, and measure judge preference vs the teacher.
@@ -628,6 +741,8 @@ def evaluate(
     if limit and not task_types:
         for spec in config.eval.tasks:
             spec.options["limit"] = limit
+    if budget_gate(config, ("eval",), dry_run, force):
+        return
     with StageProgress("eval", None, "answers", enabled=not no_progress and not as_json) as bar:
         summary = run_eval(config, progress=lambda done, total: bar.update(done, total=total))
     if as_json:
@@ -640,6 +755,7 @@ def evaluate(
     for model, entry in summary["style"].items():
         preference = "n/a" if entry["preference"] is None else f"{entry['preference']:.1%}"
         click.echo(f"style        {model:<10} judge preference vs teacher {preference} ({entry['items']} items)")
+    click.echo(f"cost: {summary['cost']['text']}")
     click.echo(f"outputs: {RunLayout.of(config).eval}")
 
 
@@ -669,9 +785,12 @@ def report(config_path: Path | None, overrides: tuple[str, ...], run_dir: Path |
 @config_option
 @set_option
 @click.option("--run-dir", type=click.Path(path_type=Path), help="Run directory (resumes if present).")
-@click.option("--stages", help="Comma-separated subset of calibrate,generate,judge,sft,rl,eval,report.")
+@click.option("--stages", help="Comma-separated subset of calibrate,generate,judge,sft,kd,rl,eval,report.")
 @no_cache_option
+@executor_option
 @allow_weak_judge_option
+@dry_run_option
+@force_option
 @handle_errors
 def run(
     config_path: Path | None,
@@ -680,8 +799,11 @@ def run(
     stages: str | None,
     no_cache: bool,
     allow_weak_judge: bool,
+    dry_run: bool,
+    force: bool,
 ) -> None:
-    """Calibrate → generate → judge → sft → rl → eval → report in one command, resumable stage by stage.
+    """Calibrate → generate → judge → sft → kd → rl → eval → report in one command, resumable stage by stage
+    (train.method: sft, kd or sft+kd picks the student stages).
 
     Finished stages are skipped on a rerun; an interrupted stage resumes with its own resume
     (answer logs, request cache, training checkpoints).
@@ -694,13 +816,83 @@ def run(
 
     weak = {"train.rl.allow_weak_judge": "true" if allow_weak_judge else None}
     config = load_config(config_path, [*overrides, *cli_overrides({"run_dir": run_dir, **weak}, no_cache)])
-    quiet_libraries(config)
     chosen = tuple(s.strip() for s in stages.split(",")) if stages else STAGES
+    if config.run_dir is not None:  # finished stages are skipped: they cost nothing more
+        from distill.paths import RunLayout
+
+        layout = RunLayout.of(config)
+        pending = tuple(stage for stage in chosen if not layout.stage_marker(stage).is_file())
+    else:
+        pending = chosen
+    if budget_gate(config, pending, dry_run, force):
+        return
+    quiet_libraries(config)
     results = run_pipeline(config, chosen, echo=lambda line: click.echo(line, err=True))
     if "report" in results:
         for line in json.loads(Path(results["report"]["json"]).read_text())["verdict"]:
             click.echo(line)
         click.echo(f"report: {results['report']['html']}")
+    if config.run_dir is not None:
+        from distill.ledger import cost_lines
+
+        for line in cost_lines(config.run_dir):
+            click.echo(line, err=True)
+
+
+@cli.command()
+@config_option
+@set_option
+@click.option(
+    "--run-dir", type=click.Path(path_type=Path), help="Run directory (measured sizes and spend are read there)."
+)
+@click.option(
+    "--stages", help="Comma-separated subset of calibrate,generate,judge,rl,eval (default: all that ask a teacher)."
+)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@handle_errors
+def estimate(
+    config_path: Path | None, overrides: tuple[str, ...], run_dir: Path | None, stages: str | None, as_json: bool
+) -> None:
+    """What a run will cost, before anything is sent: requests per stage and model, tokens, USD
+    low – high, and whether the high end fits budget_usd. Token sizes are measured from the run
+    directory when it holds a run, else assumed (said so). Sends and writes nothing.
+
+    \b
+    distill estimate -c examples/openai.yaml
+    distill estimate -c my.yaml --stages generate,judge --set budget_usd=20
+    """
+    from distill.config import load_config
+    from distill.estimate import ESTIMATED_STAGES, print_estimate
+    from distill.estimate import estimate as plan
+
+    config = load_config(config_path, [*overrides, *cli_overrides({"run_dir": run_dir})])
+    chosen = tuple(s.strip() for s in stages.split(",")) if stages else ESTIMATED_STAGES
+    unknown = [s for s in chosen if s not in ESTIMATED_STAGES]
+    if unknown:
+        raise DistillError(f"--stages: {', '.join(unknown)} ask no teacher; choose from {', '.join(ESTIMATED_STAGES)}")
+    print_estimate(plan(config, chosen), click.echo, as_json)
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path(path_type=Path, exists=True, file_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@handle_errors
+def cost(run_dir: Path, as_json: bool) -> None:
+    """What RUN_DIR paid its teachers, per stage and model: requests, cached answers, tokens and
+    USD, from the run's ledgers (ledger.jsonl in RUN_DIR and its stage directories). Works on a
+    finished run and on one still running (read-only).
+
+    \b
+    distill cost runs/quickstart
+    """
+    from distill.ledger import cost_lines, read_ledger, run_ledger_files, summarize
+
+    if as_json:
+        rows = [row for path in run_ledger_files(run_dir) for row in read_ledger(path)]
+        click.echo(json.dumps(summarize(rows), indent=2))
+        return
+    for line in cost_lines(run_dir):
+        click.echo(line)
 
 
 @cli.command()
@@ -792,6 +984,30 @@ def models_list(as_json: bool) -> None:
     for row in rows:
         state = "prepared" if row["prepared"] else "not prepared"
         click.echo(f"{row['alias']:<24} {state:<13} {row['description']}  [{row['licence']}]")
+
+
+@models.command("prune")
+@click.argument("source")
+@click.option("--keep-layers", type=int, required=True, help="Decoder layers to keep (evenly spaced, first and last).")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), required=True, help="Directory to write.")
+@handle_errors
+def models_prune(source: str, keep_layers: int, out_dir: Path) -> None:
+    """Write a depth-pruned copy of SOURCE (alias or local directory): KEEP_LAYERS evenly spaced
+    decoder layers, config updated, safetensors + tokenizer, verified against the source with the
+    same layers removed. Prune, then distil it from SOURCE (same tokenizer) with `distill train kd`.
+
+    \b
+    distill models prune smollm2-135m-instruct --keep-layers 10 --out models/smollm2-10l
+    """
+    from distill.prune import prune_model
+
+    record = prune_model(source, keep_layers, out_dir)
+    check = record["verification"]
+    click.echo(
+        f"{out_dir}: {record['layers']} of {record['source_layers']} layers (kept {record['kept_layers']}), "
+        f"{record['parameters'] / 1e6:.1f}M of {record['source_parameters'] / 1e6:.1f}M parameters; "
+        f"max |Δlogit| vs the source with those layers removed {check['max_abs_logit_diff']:.2e}"
+    )
 
 
 @models.command("prepare")

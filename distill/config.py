@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from distill.errors import ConfigError, format_validation_error
 from distill.records import ChatRequest, Message
@@ -138,6 +138,18 @@ class GenerateConfig(StrictModel):
         "or a rubric name (a rubric judge with default options).",
     )
     min_reward: float | None = Field(None, description="Threshold for generate.judge.")
+    capture_logprobs: int = Field(
+        0,
+        ge=0,
+        le=20,
+        description="Also capture the teacher's top-K token distribution on every kept row's answer (teacher "
+        "forcing, saved in RUN_DIR/logprobs/ for `distill train kd --mode offline`); 0: off.",
+    )
+    capture_tokenizer: str | None = Field(
+        None,
+        description="Tokenizer that renders rows for the capture (alias or directory); empty: the teacher's model "
+        "(vllm, transformers); required for an openai teacher (a vLLM server that returns prompt_logprobs).",
+    )
 
     @model_validator(mode="after")
     def _judge_filter(self) -> GenerateConfig:
@@ -238,8 +250,10 @@ class RLSettings(StrictModel):
     algorithm: Literal["grpo", "rloo", "ppo"] = Field(
         "grpo", description="TRL trainer: grpo (default), rloo; ppo needs a TRL that still ships PPOTrainer."
     )
-    start_from: Literal["sft", "base"] = Field(
-        "sft", description="sft: continue the adapter of train.sft.output_dir; base: a new adapter on the student."
+    start_from: Literal["sft", "kd", "base"] = Field(
+        "sft",
+        description="sft / kd: continue the adapter of train.sft.output_dir / train.kd.output_dir; base: a new "
+        "adapter on the student.",
     )
     output_dir: Path | None = Field(None, description="Where the RL adapter goes; empty: run_dir/rl.")
     max_steps: int = Field(50, ge=1, description="Optimizer steps.")
@@ -265,6 +279,63 @@ class RLSettings(StrictModel):
     save_steps: int = Field(25, ge=1, description="Save a resumable checkpoint every this many steps.")
 
 
+class KDSettings(StrictModel):
+    """`distill train kd`: distillation from the teacher's token distributions (same tokenizer)."""
+
+    mode: Literal["offline", "on-policy"] = Field(
+        "offline",
+        description="offline: KL to the captured top-K distributions (generate.capture_logprobs) mixed with CE; "
+        "on-policy: TRL's DistillationTrainer / GKDTrainer, the teacher scoring the student's own samples.",
+    )
+    output_dir: Path | None = Field(None, description="Where the KD adapter goes; empty: run_dir/kd.")
+    logprobs: Path | None = Field(
+        None, description="Captured logprobs directory; empty: DATA/logprobs of the training data's generate run."
+    )
+    alpha: float = Field(
+        0.5, ge=0, le=1, description="Offline: loss = alpha·T²·KL(teacher‖student) + (1−alpha)·CE; 0: CE only."
+    )
+    temperature: float = Field(
+        1.0,
+        gt=0,
+        le=10,
+        description="Offline: softmax temperature of both K+1-bucket distributions in the KL; on-policy: "
+        "sampling and loss temperature.",
+    )
+    lmbda: float = Field(
+        1.0,
+        ge=0,
+        le=1,
+        description="On-policy: share of steps on the student's own samples (GKD's lambda); 1: always "
+        "(TRL DistillationTrainer), below 1: TRL's experimental GKDTrainer mixes in the dataset's answers.",
+    )
+    beta: float = Field(
+        1.0, ge=0, le=1, description="On-policy: generalized JSD; 0: forward KL, 0.5: JSD, 1: reverse KL."
+    )
+    max_new_tokens: int = Field(128, ge=1, description="On-policy: most tokens per student sample.")
+    teacher: str | None = Field(
+        None,
+        description="On-policy: the teacher model loaded locally (alias or directory); empty: teacher.model.",
+    )
+    teacher_server: str | None = Field(
+        None,
+        description="On-policy: base URL of a vLLM server (without /v1) serving the teacher: TRL's experimental "
+        "ServerDistillationTrainer asks it for top-k logprobs instead of loading the teacher.",
+    )
+    epochs: float = Field(3.0, gt=0, description="Passes over the training split (ignored when max_steps > 0).")
+    max_steps: int = Field(-1, description="Optimizer steps; -1: use epochs.")
+    learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate (linear decay after warmup).")
+    warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Share of steps spent warming up the learning rate.")
+    batch_size: int = Field(8, ge=1, description="Rows per device per step.")
+    gradient_accumulation_steps: int = Field(1, ge=1, description="Steps accumulated per optimizer update.")
+    max_length: int = Field(512, ge=16, description="Tokens per row; longer rows are cut.")
+    eval_fraction: float = Field(
+        0.1, ge=0, lt=1, description="Held-out share of rows (the same seeded split as SFT with the same value)."
+    )
+    logging_steps: int = Field(1, ge=1, description="Log metrics every this many steps.")
+    save_steps: int = Field(50, ge=1, description="Save a resumable checkpoint every this many steps.")
+    save_total_limit: int = Field(2, ge=1, description="Checkpoints kept (oldest deleted).")
+
+
 class TrainConfig(StrictModel):
     """The student and how it is trained."""
 
@@ -282,6 +353,12 @@ class TrainConfig(StrictModel):
     lora: LoraSettings = Field(default_factory=LoraSettings, description="The LoRA adapter.")
     sft: SFTSettings = Field(default_factory=SFTSettings, description="Supervised fine-tuning.")
     rl: RLSettings = Field(default_factory=RLSettings, description="RL against judge rewards.")
+    method: Literal["sft", "kd", "sft+kd"] = Field(
+        "sft",
+        description="What `distill run` trains: sft, kd (train.kd), or sft+kd (both, each from the base student, "
+        "compared in the report); RL (train.rl.start_from) may follow either.",
+    )
+    kd: KDSettings = Field(default_factory=KDSettings, description="Distillation from token distributions.")
 
 
 class EvalModel(StrictModel):
@@ -306,8 +383,8 @@ class EvalConfig(StrictModel):
 
     models: list[EvalModel] = Field(
         default_factory=list,
-        description="Models to evaluate; empty: base = train.student, sft and rl = train.student + their adapters "
-        "(when trained), teacher = teacher.",
+        description="Models to evaluate; empty: base = train.student, sft, kd and rl = train.student + their "
+        "adapters (when trained), teacher = teacher.",
     )
     tasks: list[EvalTaskSpec] = Field(
         default_factory=lambda: [EvalTaskSpec(type="countries", options={"limit": 200})],
@@ -327,16 +404,64 @@ class EvalConfig(StrictModel):
     output_dir: Path | None = Field(None, description="Where eval and report outputs go; empty: run_dir/eval.")
 
 
+class RayConfig(StrictModel):
+    """`executor: ray`: teacher replicas as Ray actors (pip install 'distill[ray]'); see distill/executor.py."""
+
+    address: str | None = Field(
+        None,
+        description="Ray cluster to join: auto (the cluster this node belongs to), HOST:6379, or ray://HOST:10001 "
+        "(Ray Client); empty: $RAY_ADDRESS if set, else a local Ray on this machine (127.0.0.1 only), started and "
+        "stopped by distill.",
+    )
+    num_replicas: int = Field(
+        2, ge=1, description="Teacher replicas, each a Ray actor loading its own teacher (engine, model or client)."
+    )
+    resources_per_replica: dict[str, float] = Field(
+        default_factory=lambda: {"CPU": 1},
+        description="Ray resources each replica reserves: {GPU: 1} for a vLLM engine on one GPU, {GPU: 4} with "
+        "tensor_parallel_size 4, {CPU: 1} for an API client; memory (bytes) and custom resources too.",
+    )
+    max_restarts: int = Field(
+        3, ge=0, description="Times Ray restarts a replica that died; its requests go to another replica meanwhile."
+    )
+    chunk_size: int | None = Field(
+        None,
+        ge=1,
+        description="Requests per replica call; empty: an even share of each batch. Rounded up to a multiple of the "
+        "teacher's batch_size option, if it has one (a replica then sees the batches a local run would).",
+    )
+
+    @field_validator("resources_per_replica")
+    @classmethod
+    def _positive_resources(cls, resources: dict[str, float]) -> dict[str, float]:
+        if any(amount <= 0 or not name for name, amount in resources.items()):
+            raise ValueError("every amount must be > 0 (leave a resource out instead)")
+        return resources
+
+
 class DistillConfig(StrictModel):
     """A whole distill configuration file."""
 
     run_dir: Path | None = Field(None, description="Directory for this run's outputs (created if missing).")
+    budget_usd: float | None = Field(
+        None,
+        gt=0,
+        description="Most USD the whole run may spend on paid teachers (every stage together): refused before "
+        "the start when the estimate's upper bound is above it (unless --force), and stopped before any batch "
+        "that could cross it; empty: no budget.",
+    )
     teacher: TeacherConfig = Field(default_factory=TeacherConfig, description="The teacher model.")
     ask: AskConfig = Field(default_factory=AskConfig, description="Settings of `distill ask`.")
     generate: GenerateConfig = Field(default_factory=GenerateConfig, description="Settings of `distill generate`.")
     judge: JudgeConfig = Field(default_factory=JudgeConfig, description="Judges and `distill judge` settings.")
     train: TrainConfig = Field(default_factory=TrainConfig, description="Settings of `distill train sft` / `rl`.")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Settings of `distill eval` / `distill report`.")
+    executor: Literal["local", "ray"] = Field(
+        "local",
+        description="Where teachers run (generate, judge, calibrate, eval): local: in this process; ray: "
+        "ray.num_replicas Ray actors. This process still writes every answer log and the cache.",
+    )
+    ray: RayConfig = Field(default_factory=RayConfig, description="Settings of executor: ray.")
 
 
 # Loading ---------------------------------------------------------------------------------------
@@ -363,6 +488,7 @@ def load_config(path: Path | None = None, overrides: list[str] | tuple[str, ...]
     problems += plugin_problems(data)
     if not problems:
         problems += judge_problems(config)
+        problems += executor_problems(config)
     if problems:
         raise ConfigError(problems)
     return config
@@ -436,6 +562,29 @@ def plugin_problems(data: dict[str, Any]) -> list[str]:
                 where = f"{field}.{number}"
                 kind = spec.get("type", default)
                 problems += registry.problems(kind, spec.get("options"), f"{where}.type", f"{where}.options")
+    return problems
+
+
+def executor_problems(config: DistillConfig) -> list[str]:
+    """``executor: ray`` without Ray installed, or with replicas too small for a vLLM teacher's
+    tensor parallelism (each replica's engine sees only the GPUs Ray gave it)."""
+    import importlib.util
+
+    if config.executor != "ray":
+        return []
+    if importlib.util.find_spec("ray") is None:
+        return ["executor: ray needs Ray: pip install 'distill[ray]' (on every node of the cluster)"]
+    problems = []
+    gpus = config.ray.resources_per_replica.get("GPU", 0)
+    for where, teacher in (("teacher", config.teacher), ("judge.teacher", config.judge.teacher)):
+        if teacher is None or teacher.backend != "vllm" or not gpus:
+            continue
+        tensor_parallel = teacher.options.get("tensor_parallel_size", 1)
+        if isinstance(tensor_parallel, int) and gpus < tensor_parallel:
+            problems.append(
+                f"ray.resources_per_replica.GPU: a replica of {where} (vllm, tensor_parallel_size "
+                f"{tensor_parallel}) needs GPU: {tensor_parallel}, got {gpus:g}"
+            )
     return problems
 
 

@@ -18,6 +18,7 @@ from typing import Any
 from distill.answers import AnswerSource
 from distill.config import DistillConfig, EvalModel, JudgeSpec, TeacherConfig, config_dump
 from distill.errors import ConfigError
+from distill.ledger import Ledger, stage_cost
 from distill.paths import RunLayout
 from distill.records import JudgeItem
 from distill.runlock import locks
@@ -31,7 +32,7 @@ SUMMARY = "eval_summary.json"
 
 
 def eval_models(config: DistillConfig) -> list[EvalModel]:
-    """The configured models, or: base student, its SFT and RL adapters (when trained), the teacher."""
+    """The configured models, or: base student, its SFT, KD and RL adapters (when trained), the teacher."""
     if config.eval.models:
         return config.eval.models
     student = config.train.student
@@ -42,7 +43,7 @@ def eval_models(config: DistillConfig) -> list[EvalModel]:
         )
     ]
     layout = RunLayout.of(config)
-    for name in ("sft", "rl"):
+    for name in ("sft", "kd", "rl"):
         adapter = layout.adapter(name)
         if adapter is not None and (adapter / "adapter_model.safetensors").is_file():
             options = {"adapter": str(adapter), "batch_size": config.eval.batch_size}
@@ -136,15 +137,19 @@ def run_eval(
 
     predictions: list[dict[str, Any]] = []
     style_answers: dict[str, dict[str, str | None]] = {}
+    ledger = Ledger.for_stage(config, out, "eval")
     for model in models:
         given = (teachers or {}).get(model.name)
         log = JsonlLog(out / f"answers-{model.name}.jsonl")
-        answers = AnswerSource.for_teacher(model.teacher, given, log, cache=config.eval.cache)
+        answers = AnswerSource.for_teacher(
+            model.teacher, given, log, cache=config.eval.cache, ledger=ledger, executor=config
+        )
         mine: dict[str, str | None] = {}
         try:
             for name, task in tasks:
-                for start in range(0, len(questions[name]), config.eval.batch_size):
-                    batch = questions[name][start : start + config.eval.batch_size]
+                size = len(questions[name]) if answers.bulk else config.eval.batch_size  # batch mode: all at once
+                for start in range(0, len(questions[name]), max(size, 1)):
+                    batch = questions[name][start : start + size]
                     requests = [
                         model.teacher.request(
                             task.prompt(q), temperature=0.0, top_p=1.0, max_tokens=config.eval.max_tokens
@@ -190,6 +195,7 @@ def run_eval(
         "scores": score_table(predictions, models, tasks, config.eval.bootstrap),
         "style": style_table(style_rows, models, config.eval.bootstrap),
         "seconds": round(time.perf_counter() - started, 1),
+        "cost": stage_cost(out, "eval"),
     }
     write_atomic(out / SUMMARY, json.dumps(summary, indent=2))
     write_manifest(out, "eval", config_dump(config), {"summary": summary})
@@ -245,7 +251,7 @@ def judge_style(
     from distill.judging import judge_answer_source
 
     teacher_name = next(m.name for m in models if m.role == "teacher")
-    source = judge_answer_source(config, out)
+    source = judge_answer_source(config, out, stage="eval")
     rows = []
     try:
         judge = load_judge(

@@ -30,6 +30,7 @@ from distill.answers import AnswerSource, RequestCache
 from distill.config import DistillConfig, FilterConfig, config_dump
 from distill.dedup import NearDuplicateIndex
 from distill.errors import ConfigError, DistillError
+from distill.ledger import Ledger, stage_cost
 from distill.records import (
     ChatRequest,
     ChatResult,
@@ -218,6 +219,7 @@ class Generator:
         for seed in self.seeds:  # like Alpaca, new tasks must differ from the seeds too
             self.index.add(seed["instruction"])
         self.state = GenerateState()
+        self.captured: dict[str, Any] | None = None  # the logprob capture's summary (capture_logprobs)
 
     def _reply_format(self) -> str:
         if self.settings.reply_format != "auto":
@@ -255,14 +257,26 @@ class Generator:
         s = self.settings
         self.run_dir.mkdir(parents=True, exist_ok=True)
         unmark_finished(self.run_dir)
+        ledger = Ledger.for_stage(self.config, self.run_dir, "generate")
         answers = AnswerSource.for_teacher(
-            self.config.teacher, self._teacher, JsonlLog(self.run_dir / RESPONSES), cache=s.cache
+            self.config.teacher,
+            self._teacher,
+            JsonlLog(self.run_dir / RESPONSES),
+            cache=s.cache,
+            ledger=ledger,
+            executor=self.config,
         )
         # Derived outputs are rebuilt from the answer log on every start: never a duplicate row.
         outputs = {
             name: (self.run_dir / name).open("w", encoding="utf-8") for name in (INSTRUCTIONS, REJECTED, FAILURES)
         }
         judge, judge_answers = self._filter_judge(answers)
+        capture = None
+        if s.capture_logprobs:  # the teacher's token distributions on the kept rows (distill train kd)
+            from distill.kd_capture import capture_for_generate
+            from distill.paths import RunLayout
+
+            capture = capture_for_generate(self.config, answers, RunLayout.of(self.config).logprobs)
         started = time.perf_counter()
         try:
             index = 0
@@ -282,6 +296,8 @@ class Generator:
                     self._judge_and_keep(judge, candidates, outputs)
                 for handle in outputs.values():
                     handle.flush()
+                if capture is not None:
+                    capture.capture(self.state.kept)
                 self._count(answers)
                 if progress is not None:
                     progress(self.state, time.perf_counter() - started)
@@ -292,6 +308,8 @@ class Generator:
                 judge_answers.close()
             answers.close()
         self._count(answers)
+        if capture is not None:
+            self.captured = capture.finish(self.state.kept)
         return self.finish(time.perf_counter() - started)
 
     def _count(self, answers: AnswerSource) -> None:
@@ -321,9 +339,13 @@ class Generator:
                 log=log,
                 cache=RequestCache() if self.config.judge.cache else None,
                 owns_teacher=False,
+                ledger=answers.ledger,
+                options=answers.options,
             )
         else:
-            judge_answers = AnswerSource.for_teacher(judge_teacher, None, log, cache=self.config.judge.cache)
+            judge_answers = AnswerSource.for_teacher(
+                judge_teacher, None, log, cache=self.config.judge.cache, ledger=answers.ledger, executor=self.config
+            )
         return load_judge(spec, judge_answers, where="generate.judge"), judge_answers
 
     def _keep(self, rows: list[Instruction], outputs: dict[str, Any]) -> None:
@@ -485,7 +507,9 @@ class Generator:
             "usage": state.usage.model_dump(),
             "seconds": round(seconds, 1),
             "cost_usd": self.cost(),
+            "cost": stage_cost(self.run_dir, "generate"),
             "reply_format": self.reply_format,
+            **({"logprobs": self.captured} if self.captured is not None else {}),
         }
         rows = [row.model_dump(mode="json") for row in state.kept]
         write_dataset(self.run_dir, rows)
@@ -502,13 +526,9 @@ class Generator:
         return summary
 
     def cost(self) -> float | None:
-        """What the teacher's answers cost, as the teacher's plugin prices them (None: unknown)."""
-        from distill.plugins import get_teachers
-
-        teacher = self.config.teacher
-        teachers = get_teachers()
-        options = teachers.options(teacher.backend, teacher.options)
-        cost = teachers[teacher.backend].cost_usd(teacher.model, options, self.state.usage)
+        """What this run's generate stage paid its teachers, from its ledger, as their plugins price
+        it (None: a price is unknown, or nothing was billed)."""
+        cost = stage_cost(self.run_dir, "generate")["usd"]
         return None if cost is None else round(cost, 4)
 
 

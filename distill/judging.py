@@ -18,6 +18,7 @@ from distill.answers import AnswerSource
 from distill.config import DistillConfig, config_dump
 from distill.errors import ConfigError, DistillError
 from distill.judge import Judge, load_judge
+from distill.ledger import Ledger, stage_cost
 from distill.records import JudgeItem, Judgement, user_prompt
 from distill.runlock import locks
 from distill.runstore import JsonlLog, read_rows, unmark_finished, write_atomic, write_manifest
@@ -29,11 +30,21 @@ SUMMARY = "judge_summary.json"
 ROBUSTNESS = "robustness.json"
 
 
-def judge_answer_source(config: DistillConfig, out_dir: Path | None, teacher: Any = None) -> AnswerSource:
-    """The judge's teacher behind the run's judge answer log and the request cache."""
+def judge_answer_source(
+    config: DistillConfig,
+    out_dir: Path | None,
+    teacher: Any = None,
+    stage: str = "judge",
+    ledger_dir: Path | None = None,
+) -> AnswerSource:
+    """The judge's teacher behind the run's judge answer log and the request cache; what it
+    spends goes to the ledger of ``stage`` in ``ledger_dir`` (default ``out_dir``)."""
     teacher_config = config.judge.teacher or config.teacher
     log = JsonlLog(out_dir / JUDGE_RESPONSES) if out_dir is not None else None
-    return AnswerSource.for_teacher(teacher_config, teacher, log, cache=config.judge.cache)
+    ledger = Ledger.for_stage(config, ledger_dir or out_dir, stage)
+    return AnswerSource.for_teacher(
+        teacher_config, teacher, log, cache=config.judge.cache, ledger=ledger, executor=config
+    )
 
 
 def read_items(path: Path, config: DistillConfig, pairwise: bool) -> list[JudgeItem]:
@@ -145,7 +156,7 @@ def run_judge(
     unmark_finished(out_dir)
     started = time.perf_counter()
     judgements: list[Judgement] = []
-    batch = config.judge.batch_size
+    batch = len(items) if answers.bulk else config.judge.batch_size  # a batch-mode teacher gets all at once
     try:
         with (
             (out_dir / JUDGEMENTS).open("w", encoding="utf-8") as out,
@@ -173,6 +184,7 @@ def run_judge(
         "from_cache": answers.counts.cached,
         "replayed_from_log": answers.counts.replayed,
         "seconds": round(seconds, 1),
+        "cost": stage_cost(out_dir, "judge"),
     }
     write_atomic(out_dir / SUMMARY, json.dumps(summary, indent=2, ensure_ascii=False))
     write_manifest(out_dir, "judge", config_dump(config), {"summary": summary})

@@ -5,6 +5,8 @@ asks the layout for its paths: nothing else derives a path inside a run director
     RUN_DIR/                  generate's outputs (instructions.jsonl, dataset/, manifest.json, ...)
     RUN_DIR/judge/            distill judge over the generated data
     RUN_DIR/sft/  RUN_DIR/rl/ adapters (train.sft.output_dir / train.rl.output_dir override them)
+    RUN_DIR/kd/               the distilled adapter of `distill train kd` (train.kd.output_dir overrides it)
+    RUN_DIR/logprobs/         the teacher's captured top-K distributions on the kept rows (generate)
     RUN_DIR/eval/             eval answers, scores and the gap report (eval.output_dir overrides it)
     RUN_DIR/calibration/      judge calibration on the gold sets
     RUN_DIR/stages/           one marker per finished `distill run` stage
@@ -42,6 +44,7 @@ class RunLayout:
     sft_dir: Path | None = None
     rl_dir: Path | None = None
     eval_dir: Path | None = None
+    kd_dir: Path | None = None
 
     @classmethod
     def of(cls, config: DistillConfig) -> RunLayout:
@@ -50,6 +53,7 @@ class RunLayout:
             sft_dir=config.train.sft.output_dir,
             rl_dir=config.train.rl.output_dir,
             eval_dir=config.eval.output_dir,
+            kd_dir=config.train.kd.output_dir,
         )
 
     @property
@@ -82,6 +86,14 @@ class RunLayout:
         return self._below("rl", self.rl_dir, "train.rl.output_dir")
 
     @property
+    def kd(self) -> Path:
+        return self._below("kd", self.kd_dir, "train.kd.output_dir")
+
+    @property
+    def logprobs(self) -> Path:
+        return self.root / "logprobs"
+
+    @property
     def eval(self) -> Path:
         return self._below("eval", self.eval_dir, "eval.output_dir")
 
@@ -102,8 +114,10 @@ class RunLayout:
         return self.root / "stages" / f"{stage}.json"
 
     def adapter(self, stage: str) -> Path | None:
-        """The trained adapter directory of ``sft`` or ``rl``, or None when it can't be derived."""
+        """The trained adapter directory of ``sft``, ``kd`` or ``rl``; None for another name (``base``) or
+        when it can't be derived."""
+        where = {"sft": lambda: self.sft, "kd": lambda: self.kd, "rl": lambda: self.rl}.get(stage)
         try:
-            return self.sft if stage == "sft" else self.rl
+            return where() if where is not None else None
         except ConfigError:
             return None

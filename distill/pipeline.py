@@ -1,4 +1,5 @@
-"""`distill run`: calibrate → generate → judge → sft → rl → eval → report in one command.
+"""`distill run`: calibrate → generate → judge → sft → kd → rl → eval → report in one command
+(train.method picks sft, kd or both).
 
 Each finished stage leaves ``RUN_DIR/stages/STAGE.json``; a rerun skips finished stages and resumes
 the interrupted one with that stage's own resume (answer logs, request cache, training
@@ -24,7 +25,9 @@ from distill.runstore import write_atomic
 log = logging.getLogger(__name__)
 
 # calibrate first: whether the judges can be believed is known before compute is spent on them.
-STAGES = ("calibrate", "generate", "judge", "sft", "rl", "eval", "report")
+STAGES = ("calibrate", "generate", "judge", "sft", "kd", "rl", "eval", "report")
+TRAINED = {"sft": ("sft",), "kd": ("kd",), "sft+kd": ("sft", "kd")}
+"""The student stages each train.method runs (the others are skipped)."""
 
 
 def written_dirs(config: DistillConfig, stages: tuple[str, ...]) -> list[Path]:
@@ -37,6 +40,7 @@ def written_dirs(config: DistillConfig, stages: tuple[str, ...]) -> list[Path]:
         "calibrate": layout.calibration,
         "judge": layout.judge,
         "sft": layout.sft,
+        "kd": layout.kd,
         "rl": layout.rl,
         "eval": layout.eval,
         "report": layout.report,
@@ -51,10 +55,11 @@ def run_pipeline(
     """Run the stages not yet finished; return {stage: summary}."""
     from distill.calibration import run_calibration
     from distill.evaluation import run_eval
+    from distill.executor import load_teacher
     from distill.generate import run_generate
     from distill.judging import run_judge
+    from distill.kd import check_kd, run_kd
     from distill.report import write_report
-    from distill.teacher import load_teacher
     from distill.train import check_rl, run_rl, run_sft
 
     if config.run_dir is None:
@@ -66,8 +71,12 @@ def run_pipeline(
         config = config.model_copy(
             update={"judge": config.judge.model_copy(update={"judges": [JudgeSpec(rubric="helpfulness")]})}
         )
-    if "rl" in stages:
-        check_rl(config, require_adapter="sft" not in stages)  # before hours of generate and SFT
+    method = config.train.method
+    untrained = {stage for stage in ("sft", "kd") if stage not in TRAINED[method]}
+    if "kd" in stages and "kd" not in untrained:
+        check_kd(config, require_capture="generate" not in stages)  # a tokenizer mismatch fails here
+    if "rl" in stages:  # before hours of generate and SFT
+        check_rl(config, require_adapter=config.train.rl.start_from not in set(stages) - untrained)
 
     layout = RunLayout.of(config)
     owned = teacher is None
@@ -75,7 +84,7 @@ def run_pipeline(
 
     def the_teacher() -> Any:
         if shared["teacher"] is None:
-            shared["teacher"] = load_teacher(config.teacher)
+            shared["teacher"] = load_teacher(config.teacher, config)  # executor: ray → Ray replicas
         return shared["teacher"]
 
     def judge_teacher() -> Any:
@@ -91,6 +100,7 @@ def run_pipeline(
         "sft": lambda: run_sft(
             config, resume=resume_of(layout.sft), overwrite=not resume_of(layout.sft), progress=False
         ),
+        "kd": lambda: run_kd(config, resume=resume_of(layout.kd), overwrite=not resume_of(layout.kd), progress=False),
         "rl": lambda: run_rl(
             config,
             resume=resume_of(layout.rl),
@@ -104,6 +114,9 @@ def run_pipeline(
     results: dict[str, Any] = {}
     try:
         for stage in stages:
+            if stage in untrained:
+                echo(f"[{stage}] not trained with train.method={method}, skipped")
+                continue
             marker = layout.stage_marker(stage)
             if marker.is_file():
                 echo(f"[{stage}] done earlier, skipped ({marker})")

@@ -74,7 +74,11 @@ def print_generate_summary(summary: dict[str, Any], run_dir: Path | None) -> Non
         table.add_row(f"failed: {reason}", str(count))
     usage = summary["usage"]
     table.add_row("tokens", f"{usage['prompt_tokens']} prompt, {usage['completion_tokens']} completion")
-    if summary["cost_usd"] is not None:
+    cost = summary.get("cost")
+    if cost is not None:  # from the ledger: per model, "price unknown" rather than $0
+        for entry in cost["models"] or [{"model": "", "text": cost["text"]}]:
+            table.add_row(f"cost {entry['model']}".strip(), entry["text"])
+    elif summary["cost_usd"] is not None:
         table.add_row("cost", f"${summary['cost_usd']:.4f}")
     table.add_row("time", f"{summary['seconds']} s")
     Console().print(table)

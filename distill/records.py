@@ -41,6 +41,14 @@ class ChatRequest(Record):
     )
     logprobs: bool = Field(False, description="Return the log-probability of each generated token.")
     top_logprobs: int = Field(0, ge=0, le=20, description="Also return this many alternatives per token.")
+    prompt_logprobs: int = Field(
+        0,
+        ge=0,
+        le=20,
+        description="Score the conversation instead of continuing it: the logprob of every token of the "
+        "rendered messages (a final assistant turn included, closed as in training) with this many "
+        "alternatives, token ids included (backends with supports_prompt_logprobs).",
+    )
 
     def model_post_init(self, __context: Any) -> None:
         if not self.id:
@@ -49,6 +57,8 @@ class ChatRequest(Record):
     def content_hash(self) -> str:
         """A hash of everything that changes the answer (not the id itself)."""
         payload = self.model_dump(exclude={"id"})
+        if not payload["prompt_logprobs"]:  # added later: requests without it keep their old hashes
+            del payload["prompt_logprobs"]
         blob = json.dumps(payload, sort_keys=True, ensure_ascii=False).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
@@ -57,11 +67,18 @@ class TokenLogprob(Record):
     token: str = Field(description="The generated token's text.")
     logprob: float = Field(description="Its natural-log probability.")
     top: dict[str, float] = Field(default_factory=dict, description="Alternatives: token text → logprob.")
+    id: int | None = Field(None, description="The token's id, from backends that know it (vllm, transformers).")
+    top_ids: dict[int, float] | None = Field(
+        None, description="Alternatives by token id → logprob (texts can collide; ids can't), where known."
+    )
 
 
 class Usage(Record):
     prompt_tokens: int = Field(0, description="Tokens in the prompt.")
     completion_tokens: int = Field(0, description="Tokens generated, over all completions.")
+    cached_tokens: int = Field(
+        0, description="Of the prompt tokens, those the provider served from its prompt cache (billed lower)."
+    )
 
 
 ErrorKind = Literal[
@@ -98,6 +115,10 @@ class ChatResult(Record):
     texts: list[str] = Field(default_factory=list, description="One text per completion (n).")
     finish_reasons: list[str] = Field(default_factory=list, description="'stop' or 'length' per completion.")
     logprobs: list[list[TokenLogprob]] | None = Field(None, description="Per completion, per token.")
+    prompt_token_ids: list[int] | None = Field(None, description="The rendered prompt's token ids (scoring).")
+    prompt_logprobs: list[TokenLogprob | None] | None = Field(
+        None, description="Scoring (ChatRequest.prompt_logprobs): per prompt token (None for the first)."
+    )
     usage: Usage = Field(default_factory=Usage, description="Token counts.")
     latency_s: float = Field(0.0, description="Wall time from send to answer, retries included.")
     error: TeacherFailure | None = Field(None, description="Set when no completion was produced.")

@@ -118,7 +118,8 @@ def reward_hacking(
     report: dict[str, Any], correct: dict[str, dict[str, dict[str, float]]], resamples: int
 ) -> list[str]:
     """A plain sentence per task when the RL reward rose while held-out accuracy did not: RL vs
-    the model it started from (sft when there is one, else base), on the questions both answered."""
+    the model it started from (the sft or kd adapter it continued; else sft when there is one, else
+    base), on the questions both answered."""
     rl = report["training"].get("rl")
     if not rl or "rl" not in report["tuned"]:
         return []
@@ -127,7 +128,9 @@ def reward_hacking(
     before, after = mean(rewards[:half]), mean(rewards[-half:])
     if before is None or after is None or after <= before:
         return []
-    start = "sft" if "sft" in report["tuned"] else report["base"]
+    start = rl.get("start")  # the adapter RL continued (sft or kd)
+    if start not in report["tuned"]:
+        start = "sft" if "sft" in report["tuned"] else report["base"]
     sentences = []
     for task, models in correct.items():
         shared = sorted(set(models.get(start, {})) & set(models.get("rl", {})))
@@ -229,6 +232,7 @@ def training_signal(layout: RunLayout) -> dict[str, Any]:
         "frac_reward_zero_std": [round(f, 4) for f in known],
         "mean_frac_reward_zero_std": round(sum(known) / len(known), 4) if known else None,
         "had_signal": bool(known) and min(known) < 1.0,
+        "start": _rl_start(layout, path),
     }
     if known and not rl["had_signal"]:
         rl["sentence"] = (
@@ -242,6 +246,13 @@ def training_signal(layout: RunLayout) -> dict[str, Any]:
             f"on average {pct(rl['mean_frac_reward_zero_std'])} of the groups had no reward variance"
         )
     return {"rl": rl}
+
+
+def _rl_start(layout: RunLayout, rl_dir: Path) -> str | None:
+    """Which adapter RL continued (sft or kd), from its summary; None: the base student."""
+    summary = rl_dir / "training_summary.json"
+    started = json.loads(summary.read_text()).get("started_from") if summary.is_file() else None
+    return next((name for name in ("sft", "kd") if started and started == str(layout.adapter(name))), None)
 
 
 def wrong_but_preferred(style_rows: list[dict[str, Any]], predictions: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -316,7 +327,7 @@ def provenance(layout: RunLayout) -> dict[str, list[tuple[str, str]]]:
     sources: dict[str, Path] = {}
     if layout.run_dir is not None:
         sources.update(generate=layout.generate / MANIFEST, judge=layout.judge / MANIFEST)
-    for stage in ("sft", "rl"):
+    for stage in ("sft", "kd", "rl"):
         adapter = layout.adapter(stage)
         if adapter is not None:
             sources[stage] = adapter / "training_summary.json"

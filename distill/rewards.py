@@ -118,7 +118,12 @@ def reward_functions(
     specs = config.judge.judges
     if not specs:
         raise ConfigError(["judge.judges: RL needs at least one judge as its reward; add a rubric or rule judge"])
-    answers = judge_answer_source(config, out_dir=None, teacher=teacher)
+    from distill.paths import RunLayout
+
+    # No answer log (RL completions are new every step), but what the judges cost is recorded.
+    answers = judge_answer_source(
+        config, out_dir=None, teacher=teacher, stage="rl", ledger_dir=RunLayout.of(config).adapter("rl")
+    )
     judges = []
     for number, spec in enumerate(specs):
         judge = load_judge(spec, answers, where=f"judge.judges.{number}")

@@ -98,11 +98,12 @@ def locks(where: Callable[..., Path | Iterable[Path | None] | None]) -> Callable
 
 def empty_directory(directory: Path) -> None:
     """Delete everything in ``directory`` but its lock file (``--overwrite`` under a held lock:
-    removing the lock file would let a second writer in)."""
+    removing the lock file would let a second writer in) and its cost ledger (money spent stays
+    on the books when the work is redone)."""
     if not directory.is_dir():
         return
     for entry in directory.iterdir():
-        if entry.name == LOCK_FILE:
+        if entry.name in (LOCK_FILE, "ledger.jsonl"):
             continue
         if entry.is_dir() and not entry.is_symlink():
             shutil.rmtree(entry)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
+from pathlib import Path
 from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict
@@ -34,6 +35,8 @@ class Teacher(ABC):
     supports_response_format: ClassVar[bool] = False
     """Whether ``ChatRequest.response_format`` (JSON schema) is enforced by this backend."""
     supports_logprobs: ClassVar[bool] = False
+    supports_prompt_logprobs: ClassVar[bool] = False
+    """Whether ``ChatRequest.prompt_logprobs`` (scoring given text, teacher forcing) is served."""
 
     def __init__(self, model: str, options: BaseModel):
         """``model`` is what the user wrote; backends with local weights resolve it themselves
@@ -72,6 +75,28 @@ class Teacher(ABC):
         or a model without a known price). Paid-API backends override this with their prices."""
         return None
 
+    @classmethod
+    def bulk_submission(cls, options: BaseModel) -> bool:
+        """True when these options send requests as a provider's batch job (hours of latency, a
+        lower price): stages that can then hand the teacher all their requests in one call
+        (judge, eval) do so, instead of one small batch at a time."""
+        return False
+
+    def generate_resumable(self, requests: list[ChatRequest], jobs: Path | None) -> list[ChatResult]:
+        """``generate``, for a backend whose work outlives the process (a provider's batch job).
+        ``jobs`` is a JSONL file beside the run's answer log (None without one): the backend
+        appends each job it submits there (fsynced) *before* waiting for it, and reads it first,
+        so a rerun after a kill picks up the running jobs instead of submitting their requests
+        again. ``AnswerSource`` calls this; the default is plain ``generate``."""
+        return self.generate(requests)
+
+    @classmethod
+    def replica_options(cls, options: BaseModel, replicas: int) -> BaseModel:
+        """The options each of ``replicas`` copies of this teacher gets when they share the work
+        (``executor: ray``). A backend whose options hold a budget shared by every copy (one API
+        key's requests per minute) splits it here; the default shares nothing."""
+        return options
+
     def close(self) -> None:  # noqa: B027 - optional hook, most backends have nothing to free
         """Free the model, the engine or the connection pool."""
 
@@ -91,6 +116,12 @@ class Teacher(ABC):
                 fatal=True,
                 message=f"teacher '{self.name}' cannot enforce a JSON-schema response_format; "
                 "use the openai or vllm teacher, or drop response_format",
+            )
+        if request.prompt_logprobs and not self.supports_prompt_logprobs:
+            return TeacherFailure(
+                kind="unsupported",
+                fatal=True,
+                message=f"teacher '{self.name}' cannot score given text (prompt_logprobs)",
             )
         if request.logprobs and not self.supports_logprobs:
             return TeacherFailure(

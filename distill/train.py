@@ -456,11 +456,11 @@ def check_rl(config: DistillConfig, require_adapter: bool = True) -> None:
         problems.append(
             f"train.rl.batch_size: must be a multiple of num_generations ({r.num_generations}), got {r.batch_size}"
         )
-    sft_dir = RunLayout.of(config).sft
-    if require_adapter and r.start_from == "sft" and not (sft_dir / "adapter_model.safetensors").is_file():
+    start_dir = RunLayout.of(config).adapter(r.start_from)  # sft or kd; None for base
+    if require_adapter and start_dir is not None and not (start_dir / "adapter_model.safetensors").is_file():
         problems.append(
-            f"train.rl.start_from: sft, but {sft_dir} has no adapter: run `distill train sft` "
-            "first or set train.rl.start_from=base"
+            f"train.rl.start_from: {r.start_from}, but {start_dir} has no adapter: run `distill train "
+            f"{r.start_from}` first or set train.rl.start_from=base"
         )
     if problems:
         raise ConfigError(problems)
@@ -484,6 +484,7 @@ def run_rl(
     from datasets import Dataset
 
     from distill.calibration import check_rl_judges, refuse, reward_probe
+    from distill.ledger import stage_cost
     from distill.rewards import reward_functions
 
     check_rl(config)
@@ -497,7 +498,7 @@ def run_rl(
     if warnings and not r.allow_weak_judge:
         refuse(warnings)
     prompts = rl_prompts(config)
-    start_adapter = layout.sft if r.start_from == "sft" else None
+    start_adapter = layout.adapter(r.start_from) if r.start_from != "base" else None
     checkpoint = resume_checkpoint(output_dir, resume, overwrite)  # before the slow model load
     model, tokenizer, base_path = load_student(train, adapter=start_adapter, trainable=True)
     # ... then do their rewards vary on the policy's own completions? (GRPO learns nothing if not.)
@@ -562,6 +563,7 @@ def run_rl(
         "invalid_verdict_rate": round(sum(panel.invalid.values()) / verdicts, 4) if verdicts else None,
         "unscorable_rate": round(panel.unscorable / panel.judged, 4) if panel.judged else None,
         "judge_warnings": warnings,  # non-empty only when trained anyway (allow_weak_judge)
+        "judge_cost": stage_cost(output_dir, "rl"),  # the RL judge calls, from the ledger
         "reward_probe": probe,
         "judge_calibration": {
             label: {k: entry.get(k) for k in ("accuracy", "interval", "chance", "above_chance")}

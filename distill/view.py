@@ -49,6 +49,8 @@ CHARTS = (  # (title, metrics.jsonl keys drawn in it): TRL's log names
     ("reward", ("reward",)),
     ("KL to the reference", ("kl",)),
     ("groups without reward variance", ("frac_reward_zero_std",)),
+    ("KD: KL to the teacher and cross-entropy", ("kd/kl", "kd/ce")),
+    ("KD: the KL term's share of the loss", ("kd/kl_share",)),
 )
 MAX_FILES = 2000  # the files page lists at most this many
 
@@ -158,9 +160,9 @@ class Viewer:
 
     def training(self, request: Request) -> Response:
         stages = []
-        for stage in ("sft", "rl"):
-            directory = self.layout.sft if stage == "sft" else self.layout.rl
-            if not directory.is_dir():
+        for stage in ("sft", "kd", "rl"):
+            directory = self.layout.adapter(stage)
+            if directory is None or not directory.is_dir():
                 continue
             skipped: list[tuple[str, int, str]] = []
             metrics = list(complete_rows(directory / "metrics.jsonl", self.index.workspace, skipped))

@@ -35,6 +35,7 @@ class TransformersTeacher(Teacher):
     name = "transformers"
     options_model = TransformersOptions
     supports_logprobs = True
+    supports_prompt_logprobs = True
     speed_only_options = frozenset({"device", "batch_size"})
 
     options: TransformersOptions
@@ -87,6 +88,11 @@ class TransformersTeacher(Teacher):
                 results[index] = self.failed(request, failure, started)
             else:
                 runnable.append(index)
+        scoring = [i for i in runnable if requests[i].prompt_logprobs]  # teacher forcing: one forward pass
+        runnable = [i for i in runnable if not requests[i].prompt_logprobs]
+        for start in range(0, len(scoring), self.options.batch_size):
+            batch = scoring[start : start + self.options.batch_size]
+            results.update(zip(batch, self._score([requests[i] for i in batch])))
 
         # generate() takes one sampling setting per call: group requests that share one.
         def settings(i: int) -> tuple[Any, ...]:
@@ -180,6 +186,61 @@ class TransformersTeacher(Teacher):
             )
         return results
 
+    def _score(self, requests: list[ChatRequest]) -> list[ChatResult]:
+        """Every token of each rendered conversation (no generation prompt: a final assistant turn is
+        closed as in training) with its logprob and the top alternatives, from one forward pass."""
+        import torch
+
+        started = time.perf_counter()
+        rendered = [
+            list(
+                self.tokenizer.apply_chat_template(
+                    [m.model_dump() for m in r.messages], tokenize=True, add_generation_prompt=False, return_dict=True
+                )["input_ids"]
+            )
+            for r in requests
+        ]
+        width = max(len(ids) for ids in rendered)
+        pad = self.tokenizer.pad_token_id or 0
+        input_ids = torch.tensor([ids + [pad] * (width - len(ids)) for ids in rendered], device=self.device)
+        mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids in rendered], device=self.device)
+        try:
+            with torch.no_grad():
+                logits = self.hf_model(input_ids=input_ids, attention_mask=mask).logits
+        except (RuntimeError, ValueError) as exc:  # torch's errors (out of memory...)
+            failure = TeacherFailure(kind="engine", message=str(exc)[:500], raw=repr(exc))
+            return [self.failed(r, failure, started) for r in requests]
+        results = []
+        for row, (request, ids) in enumerate(zip(requests, rendered)):
+            logp = logits[row, : len(ids) - 1].float().log_softmax(-1)  # position p predicts token p + 1
+            values, indices = logp.topk(request.prompt_logprobs, dim=-1)
+            scored: list[TokenLogprob | None] = [None]
+            for p, token_id in enumerate(ids[1:]):
+                top_ids = {int(i): float(v) for v, i in zip(values[p], indices[p])}
+                scored.append(
+                    TokenLogprob(
+                        token=self.tokenizer.decode([token_id]),
+                        logprob=float(logp[p, token_id]),
+                        top={self.tokenizer.decode([i]): v for i, v in top_ids.items()},
+                        id=token_id,
+                        top_ids=top_ids,
+                    )
+                )
+            results.append(
+                ChatResult(
+                    request_id=request.id,
+                    backend=self.name,
+                    model=self.model,
+                    texts=[request.messages[-1].content],
+                    finish_reasons=["stop"],
+                    prompt_token_ids=ids,
+                    prompt_logprobs=scored,
+                    usage=Usage(prompt_tokens=len(ids)),
+                    latency_s=time.perf_counter() - started,
+                )
+            )
+        return results
+
     def _eos_ids(self) -> set[int]:
         ids = self.hf_model.generation_config.eos_token_id
         ids = ids if isinstance(ids, list) else [ids]
@@ -192,11 +253,15 @@ class TransformersTeacher(Teacher):
         items = []
         for step, token_id in enumerate(token_ids):
             logp = logits[step][seq_index].float().log_softmax(-1)
-            top = {}
+            top, top_ids = {}, {}
             if top_k:
                 values, indices = logp.topk(top_k)
-                top = {self.tokenizer.decode([int(i)]): float(v) for v, i in zip(values, indices)}
-            items.append(TokenLogprob(token=self.tokenizer.decode([token_id]), logprob=float(logp[token_id]), top=top))
+                top_ids = {int(i): float(v) for v, i in zip(values, indices)}
+                top = {self.tokenizer.decode([i]): v for i, v in top_ids.items()}
+            token = self.tokenizer.decode([token_id])
+            items.append(
+                TokenLogprob(token=token, logprob=float(logp[token_id]), top=top, id=token_id, top_ids=top_ids or None)
+            )
         return items
 
     def close(self) -> None:

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import logging
 import os
-import secrets
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -24,11 +22,12 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 import distill
-from distill.errors import TeacherError
+from distill.errors import DistillError, TeacherError
 from distill.models import resolve_model
 from distill.paths import ENGINE_LOG_ENV
 from distill.records import ChatRequest, ChatResult, TeacherFailure, TokenLogprob, Usage
 from distill.teacher import Teacher
+from distill.watchdog import MARK, EngineWatchdog  # noqa: F401 - the watchdog lives there now (Ray uses it too)
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +65,7 @@ class VllmTeacher(Teacher):
     options_model = VllmOptions
     supports_response_format = True
     supports_logprobs = True
+    supports_prompt_logprobs = True
     # Memory and start-up settings; dtype, lengths, seed and engine_args stay in the cache key.
     speed_only_options = frozenset({"gpu_memory_utilization", "enforce_eager", "cpu_kv_cache_gib"})
 
@@ -108,7 +108,7 @@ class VllmTeacher(Teacher):
                 )
         except BaseException as exc:
             self.watchdog.stop()
-            if engine_log and isinstance(exc, Exception):
+            if engine_log and isinstance(exc, Exception) and not isinstance(exc, DistillError):
                 raise TeacherError(f"the vLLM engine did not start: {exc} (its log: {engine_log})") from exc
             raise
         if engine_log:
@@ -132,6 +132,7 @@ class VllmTeacher(Teacher):
             seed=request.seed,
             stop=request.stop or None,
             logprobs=request.top_logprobs if request.logprobs else None,
+            prompt_logprobs=request.prompt_logprobs or None,
             structured_outputs=(
                 StructuredOutputsParams(json=request.response_format) if request.response_format is not None else None
             ),
@@ -172,14 +173,21 @@ class VllmTeacher(Teacher):
         return [results[i] for i in range(len(requests))]
 
     def _chat(self, requests: list[ChatRequest]) -> list[Any]:
-        if not requests:
-            return []
-        return self.llm.chat(
-            [[m.model_dump() for m in r.messages] for r in requests],
-            sampling_params=[self.sampling_params(r) for r in requests],
-            use_tqdm=False,
-            chat_template=self.chat_template,
-        )
+        outputs: list[Any] = [None] * len(requests)
+        for scoring in (False, True):  # scoring renders the whole conversation: no generation prompt
+            group = [i for i, r in enumerate(requests) if bool(r.prompt_logprobs) == scoring]
+            if not group:
+                continue
+            answered = self.llm.chat(
+                [[m.model_dump() for m in requests[i].messages] for i in group],
+                sampling_params=[self.sampling_params(requests[i]) for i in group],
+                use_tqdm=False,
+                chat_template=self.chat_template,
+                add_generation_prompt=not scoring,
+            )
+            for index, output in zip(group, answered):
+                outputs[index] = output
+        return outputs
 
     def _result(self, request: ChatRequest, output: Any, started: float) -> ChatResult:
         completions = sorted(output.outputs, key=lambda c: c.index)
@@ -192,6 +200,13 @@ class VllmTeacher(Teacher):
                 ]
                 for c in completions
             ]
+        prompt_ids = list(output.prompt_token_ids or [])
+        scored = None
+        if request.prompt_logprobs:
+            scored = [
+                None if position is None else _token_logprob(token_id, position, request.prompt_logprobs)
+                for token_id, position in zip(prompt_ids, output.prompt_logprobs or [])
+            ]
         return ChatResult(
             request_id=request.id,
             backend=self.name,
@@ -199,6 +214,8 @@ class VllmTeacher(Teacher):
             texts=[c.text for c in completions],
             finish_reasons=[c.finish_reason or "stop" for c in completions],
             logprobs=logprobs,
+            prompt_token_ids=prompt_ids if request.prompt_logprobs else None,
+            prompt_logprobs=scored,
             usage=Usage(
                 prompt_tokens=len(output.prompt_token_ids or []),
                 completion_tokens=sum(len(c.token_ids) for c in completions),
@@ -219,132 +236,13 @@ class VllmTeacher(Teacher):
             watchdog.stop()  # vLLM stopped its processes itself
 
 
-MARK = "DISTILL_ENGINE_OWNER"
-
-# The watchdog: waits until its owner dies (the pipe from it closes without "stop", or it is
-# reparented), then SIGKILLs the processes carrying the mark (an engine core ignores SIGTERM),
-# gives the helpers that clean up after them (multiprocessing's resource tracker, which unlinks
-# shared memory) 5 s to finish, and kills what is left. Standalone code: it starts in ~0.05 s
-# and takes ~14 MB.
-_WATCHDOG = r"""
-import os, select, signal, sys
-import psutil
-
-entry, owner = sys.argv[1].encode(), os.getppid()
-name, _, mark = sys.argv[1].partition("=")
-print("ready", flush=True)
-said = b""
-while True:
-    readable, _, _ = select.select([sys.stdin], [], [], 0.5)
-    if readable:
-        chunk = os.read(sys.stdin.fileno(), 64)
-        said += chunk
-        if not chunk:
-            break
-    if os.getppid() != owner:
-        break
-if said.startswith(b"stop"):
-    sys.exit(0)
-
-def has_mark(process):
-    # /proc itself where there is one: psutil stops reading at the gap setproctitle leaves there
-    try:
-        with open(f"/proc/{process.pid}/environ", "rb") as block:
-            return entry in block.read().split(b"\0")
-    except FileNotFoundError:
-        return process.environ().get(name) == mark
-
-def marked():
-    found = []
-    for process in psutil.process_iter():
-        try:
-            if process.pid != os.getpid() and has_mark(process):
-                found.append(process)
-        except (psutil.Error, OSError):
-            pass
-    return found
-
-def kill(processes):
-    for process in processes:
-        try:
-            process.send_signal(signal.SIGKILL)
-        except psutil.Error:
-            pass
-
-def helper(process):
-    try:
-        return "resource_tracker" in " ".join(process.cmdline())
-    except psutil.Error:
-        return False
-
-found = marked()
-kill([p for p in found if not helper(p)])
-psutil.wait_procs(found, timeout=5)
-kill(marked())
-"""
-
-
-class EngineWatchdog:
-    """Kills the engine's processes when the process that started them dies.
-
-    ``marking()`` puts a mark unique to this teacher into the environment while the engine starts,
-    so the engine core, its workers and whatever they start inherit it; the watchdog, a child
-    process in its own session (Ctrl-C in the terminal doesn't reach it), finds them by it. No
-    vLLM internals are patched and it works whatever the start method (spawn or fork), the thread
-    that started the engine (unlike PR_SET_PDEATHSIG), and the number of workers."""
-
-    def __init__(self) -> None:
-        self.mark = f"{os.getpid()}-{secrets.token_hex(8)}"
-        self.process: subprocess.Popen[bytes] | None = None
-        try:
-            self.process = subprocess.Popen(
-                [sys.executable, "-c", _WATCHDOG, f"{MARK}={self.mark}"],
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                start_new_session=True,
-            )
-            assert self.process.stdout is not None
-            with self.process.stdout:
-                if self.process.stdout.readline().strip() != b"ready":
-                    raise OSError(f"exited with {self.process.wait()}")
-        except OSError as exc:
-            log.warning("no engine watchdog (%s): a killed distill may leave vLLM processes behind", exc)
-            if self.process is not None:
-                self.process.kill()
-                self.process.wait()
-            self.process = None
-
-    @contextmanager
-    def marking(self) -> Iterator[None]:
-        """The processes started in this block (and theirs) carry the mark."""
-        before = os.environ.get(MARK)
-        os.environ[MARK] = self.mark
-        try:
-            yield
-        finally:
-            if before is None:
-                os.environ.pop(MARK, None)
-            else:
-                os.environ[MARK] = before
-
-    def stop(self) -> None:
-        """The engine was shut down normally: the watchdog leaves without killing anything."""
-        process, self.process = self.process, None
-        if process is None or process.stdin is None:
-            return
-        try:
-            process.stdin.write(b"stop")
-            process.stdin.close()
-            process.wait(10)
-        except (OSError, subprocess.TimeoutExpired):
-            process.kill()
-
-
 def _token_logprob(token_id: int, position: dict[int, Any], top_k: int) -> TokenLogprob:
     # vLLM returns the top-k alternatives plus the sampled token; keep the top-k as OpenAI does.
     chosen = position[token_id]
-    top = {p.decoded_token: p.logprob for p in position.values() if p.rank is not None and p.rank <= top_k}
-    return TokenLogprob(token=chosen.decoded_token or "", logprob=chosen.logprob, top=top)
+    ranked = {i: p for i, p in position.items() if p.rank is not None and p.rank <= top_k}
+    top = {p.decoded_token: p.logprob for p in ranked.values()}
+    top_ids = {int(i): p.logprob for i, p in ranked.items()}
+    return TokenLogprob(token=chosen.decoded_token or "", logprob=chosen.logprob, top=top, id=token_id, top_ids=top_ids)
 
 
 def _engine_dead(exc: BaseException) -> bool:

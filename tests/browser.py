@@ -78,9 +78,11 @@ def chromium_path() -> str | None:
     return shutil.which("chromium")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture()
 def browser() -> Iterator[Browser]:
-    """One headless Chromium for the whole test run; skips (or fails under DISTILL_REQUIRE_BROWSER=1) without it."""
+    """A headless Chromium for one test (about a second to start); skips (or fails under
+    DISTILL_REQUIRE_BROWSER=1) without it. Not shared longer: Playwright's sync API keeps an event
+    loop running in the main thread while it is open, and `asyncio.run` in later tests would fail."""
     executable = chromium_path()
     if executable is None:
         reason = "Chromium not found: run scripts/setup.sh as root, or `sudo apt-get install -y chromium`"

@@ -161,6 +161,16 @@ def first_user_messages(bodies: list[bytes]) -> list[str]:
     return [json.loads(body)["messages"][0]["content"] for body in bodies if body]
 
 
+@pytest.fixture(autouse=True)
+def restore_environment() -> Iterator[None]:
+    """Commands run in-process (click's CliRunner) set process-wide variables (the engine log,
+    quiet library output); each test starts from the environment the run started with."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
     from distill.models import prepare

@@ -128,3 +128,47 @@ def test_no_cache_asks_again_and_distill_cache_shows_and_clears(scripted: dict[s
     finally:
         store.close()
     assert evaluate("four") == 1  # only base's answer had to be asked again
+
+
+@pytest.mark.usefixtures("scripted")
+def test_a_rerun_with_another_teacher_never_replays_the_old_answers(scripted: dict[str, Any], tmp_path: Path) -> None:
+    """The run's answer log is stamped with the teacher's identity: the same eval rerun in the same
+    run dir after the model changed (here: an option that changes answers; in real life an adapter
+    retrained in place) asks again instead of scoring the old model's answers."""
+    from distill.config import load_config
+    from distill.evaluation import run_eval
+
+    questions = tmp_path / "q.jsonl"
+    questions.write_text(json.dumps({"id": "q", "question": "2 + 2?", "answers": ["4"]}) + "\n")
+    scripted["four"] = lambda request, k: "4"
+    scripted["five"] = lambda request, k: "5"
+
+    def evaluate(student_script: str) -> float:
+        models = [
+            {
+                "name": "base",
+                "role": "base",
+                "teacher": {"backend": "scripted", "model": "s", "options": {"script": student_script}},
+            },
+            {
+                "name": "teacher",
+                "role": "teacher",
+                "teacher": {"backend": "scripted", "model": "t", "options": {"script": "four"}},
+            },
+        ]
+        settings = {
+            "run_dir": str(tmp_path / "run"),
+            "eval": {
+                "models": models,
+                "tasks": [{"type": "jsonl", "options": {"path": str(questions)}}],
+                "style_rubric": None,
+            },
+        }
+        path = tmp_path / "c.yaml"
+        path.write_text(json.dumps(settings))
+        return run_eval(load_config(path))["scores"]["jsonl"]["base"]["accuracy"]
+
+    assert evaluate("five") == 0.0
+    assert evaluate("four") == 1.0  # not the first model's "5" replayed from answers-base.jsonl
+    log = [json.loads(line) for line in (tmp_path / "run" / "eval" / "answers-base.jsonl").read_text().splitlines()]
+    assert [row["result"]["texts"] for row in log] == [["5"], ["4"]] and len({row["teacher"] for row in log}) == 2

@@ -113,7 +113,7 @@ def test_cli_bad_config_exits_non_zero_and_writes_nothing(tmp_path: Path) -> Non
 def test_example_configs_validate_and_resolve_their_plugins() -> None:
     from distill.plugins import get_judges, get_tasks, get_teachers
 
-    for name in ("quickstart", "gpu", "openai"):
+    for name in ("quickstart", "gpu", "openai", "kd"):
         config = load_config(REPO / "examples" / f"{name}.yaml")
         assert config.teacher.backend in get_teachers()
         assert all(spec.type in get_judges() for spec in config.judge.judges)

@@ -4,6 +4,7 @@ a plugin added at run time without touching core, and the README documenting eve
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -33,7 +34,8 @@ def example_plugin(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     target = tmp_path_factory.mktemp("example-plugin")
     pip = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation"]
     subprocess.run([*pip, "--target", str(target), str(EXAMPLE_PLUGIN)], check=True)
-    return {"PYTHONPATH": str(target), "name": "logging_teacher"}
+    path = os.pathsep.join(filter(None, [str(target), os.environ.get("PYTHONPATH")]))
+    return {"PYTHONPATH": path, "name": "logging_teacher"}
 
 
 class EchoTeacher(Teacher):

@@ -202,6 +202,7 @@ def test_grpo_moves_a_rule_reward_up_while_a_real_judge_scores(vllm_teacher: obj
             "train.rl.max_completion_length=32",
             "train.rl.learning_rate=2e-3",
             "train.rl.beta=0",
+            "train.rl.allow_weak_judge=true",  # RL machinery under test, not the 135M judge (tests/test_calibration.py)
         ],
     )
     summary = run_rl(config, judge_teacher=vllm_teacher, progress=False)
@@ -247,6 +248,7 @@ def test_a_completion_with_any_invalid_verdict_is_unscorable_in_a_real_grpo_step
             "train.rl.num_generations=4",
             "train.rl.max_completion_length=8",
             "train.rl.beta=0",
+            "train.rl.allow_weak_judge=true",  # RL machinery under test, not the 135M judge (tests/test_calibration.py)
         ],
     )
     run_rl(config, progress=False)
@@ -268,6 +270,7 @@ def test_rloo_from_the_sft_adapter_with_the_real_judge(
     rl_config.judge = load_config(
         None, ["judge.judges=[{type: rubric, rubric: helpfulness}]", "judge.cache=false"]
     ).judge
+    rl_config.train.rl.allow_weak_judge = True  # RL machinery under test, not the 135M judge
     rl_config.train.rl = rl_config.train.rl.model_copy(
         update={
             "algorithm": "rloo",

@@ -56,8 +56,9 @@ def reply(number: int) -> dict[str, Any]:
 
 @pytest.fixture()
 def server() -> Iterator[dict[str, Any]]:
-    """An OpenAI-format server at ``url``; ``CLIENT/v1`` paths tell clients apart: ``requests``
-    lists (client, first user message) per request. While ``gate`` is clear, every request after
+    """An OpenAI-format server at ``url``/v1; clients tell themselves apart by their API key (a
+    speed-only option, so every client is the same teacher to distill): ``requests`` lists
+    (client, first user message) per request. While ``gate`` is clear, every request after
     the first waits for it (so a run can be caught mid-way)."""
     state: dict[str, Any] = {"requests": [], "gate": threading.Event()}
     lock = threading.Lock()
@@ -66,7 +67,8 @@ def server() -> Iterator[dict[str, Any]]:
         def do_POST(self) -> None:
             body = json.loads(self.rfile.read(int(self.headers["content-length"])))
             with lock:
-                state["requests"].append((self.path.split("/")[1], body["messages"][0]["content"]))
+                client = self.headers.get("authorization", "").removeprefix("Bearer ")
+                state["requests"].append((client, body["messages"][0]["content"]))
                 number = len(state["requests"])
             if number > 1:
                 state["gate"].wait(120)
@@ -151,18 +153,22 @@ def test_a_second_generate_is_refused_and_a_killed_one_leaves_no_stale_lock(
     run_dir, target = tmp_path / "run", 12  # 4 requests of 3 tasks, one at a time
 
     def args(client: str) -> list[str]:
-        url = f"{server['url']}/{client}/v1"
-        return openai_generate_args(
-            url, run_dir, target, "--set", "generate.batch_size=1", "--set", "generate.cache=false"
-        )
+        key = ("--set", "teacher.options.api_key_env=CLIENT_KEY")
+        settings = ("--set", "generate.batch_size=1", "--set", "generate.cache=false", *key)
+        return openai_generate_args(f"{server['url']}/v1", run_dir, target, *settings)
+
+    def env(client: str) -> dict[str, str]:
+        return {"CLIENT_KEY": client}
 
     log = run_dir / "responses.jsonl"
     command = [sys.executable, "-m", "distill.cli", *args("first")]
-    first = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = subprocess.Popen(
+        command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, **env("first")}
+    )
     try:
         # The first run saved one answer and waits for its second: it is mid-run.
         wait_for(lambda: log.is_file() and len(read_jsonl(log)) == 1 and len(sent_by(server, "first")) == 2, "run 1")
-        second = run_distill(*args("second"))
+        second = run_distill(*args("second"), env=env("second"))
         assert first.poll() is None, "the first run must still be running"
         assert second.returncode == 1
         assert error_lines(second.stderr) == [
@@ -181,7 +187,7 @@ def test_a_second_generate_is_refused_and_a_killed_one_leaves_no_stale_lock(
     assert (run_dir / LOCK_FILE).is_file()
     saved = {row["request"]["messages"][0]["content"] for row in read_jsonl(log)}
     server["gate"].set()
-    third = run_distill(*args("third"))  # the same command again: resumes at once
+    third = run_distill(*args("third"), env=env("third"))  # the same command again: resumes at once
     assert third.returncode == 0, third.stderr
     check_generate_run(run_dir, target, "openai")
     answers = read_jsonl(log)
@@ -205,7 +211,7 @@ def test_every_command_that_writes_a_run_dir_is_refused_while_another_process_wr
         "--set",
         "teacher.model=m",
         "--set",
-        f"teacher.options.base_url={server['url']}/refused/v1",
+        f"teacher.options.base_url={server['url']}/v1",
         "--set",
         "teacher.options.api_key_env=null",
     ]
