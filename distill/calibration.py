@@ -11,6 +11,8 @@ and the guard that keeps RL from training against a judge that carries no signal
   a win for the better answer as 1 and a tie (the verdict flipped with the order) as 1/2, so chance
   is 0.5; position consistency; position bias = how often the answer shown first wins when the
   better answer is shown second.
+- **Reward models** (``calibrate_on_pairs`` judges): the same better/worse pairs, each answer scored
+  on its own; right when the better one scores higher (equal scores count 1/2; chance 1/2).
 - **Length bias**: pairs of equally good answers, one padded with filler
   (``prompts/gold/length_pairs.jsonl``): pairwise judges' share of verdicts for the longer one
   (fair: 0.5), rubric judges' mean reward difference long − short (fair: 0), each with an interval.
@@ -115,15 +117,20 @@ def run_calibration(config: DistillConfig, out_dir: Path, teacher: Any = None) -
 def calibrate_judge(judge: Judge, resamples: int, limit: int | None = None) -> dict[str, Any]:
     entry: dict[str, Any] = {"type": judge.name, "rubric": judge.rubric.name if judge.rubric else None, "warnings": []}
     gold = judge.gold_path()
-    if not judge.needs_teacher or judge.rubric is None:
+    if judge.calibrate_on_pairs:  # a reward model: no rubric of its own, measured on gold pairs
+        if gold is None:
+            return {**entry, "calibrated": False, "reason": "no gold pairs (set the judge's gold option)"}
+    elif not judge.needs_teacher or judge.rubric is None:
         return {**entry, "calibrated": False, "reason": "a rule-based judge: its checks are code, not opinions"}
-    if gold is None:
+    elif gold is None:
         return {**entry, "calibrated": False, "reason": f"no gold set for rubric '{judge.rubric.name}'"}
     if judge.name == "score":
         return {**entry, "calibrated": False, "reason": "the gold sets hold rubric classes, not 1-5 scores"}
     entry.update(gold=str(gold), calibrated=True)
     if judge.pairwise:
         entry.update(pairwise_accuracy(judge, read_gold(gold, ("prompt", "better", "worse"), limit), resamples))
+    elif judge.calibrate_on_pairs:
+        entry.update(scored_pair_accuracy(judge, read_gold(gold, ("prompt", "better", "worse"), limit), resamples))
     else:
         entry.update(class_accuracy(judge, read_gold(gold, ("prompt", "response", "class"), limit), resamples))
     from distill_prompts import PROMPTS_DIR
@@ -186,6 +193,35 @@ def pairwise_accuracy(judge: Judge, gold: list[dict[str, Any]], resamples: int) 
         "first_wins_when_better_second": mean(first_wins),
         "first_wins_interval": list(bootstrap_interval(first_wins, resamples)) if first_wins else None,
     }
+
+
+def pair_accuracy(better: list[float | None], worse: list[float | None], resamples: int) -> dict[str, Any]:
+    """Pointwise rewards of the better and the worse answer of each pair: right when the better one
+    scores higher, 1/2 when equal, wrong when lower or unscored. Chance is 1/2 (a constant reward
+    scores exactly that)."""
+    credit = [
+        0.0 if b is None or w is None else 1.0 if b > w else 0.5 if b == w else 0.0 for b, w in zip(better, worse)
+    ]
+    unscored = sum(b is None or w is None for b, w in zip(better, worse))
+    return {
+        "items": len(credit),
+        "invalid_rate": unscored / len(credit) if credit else 0.0,
+        "accuracy": mean(credit),
+        "interval": list(bootstrap_interval(credit, resamples)) if credit else None,
+        "chance": 0.5,
+        "chance_rule": "a coin flip (equal rewards count 1/2)",
+    }
+
+
+def scored_pair_accuracy(judge: Judge, gold: list[dict[str, Any]], resamples: int) -> dict[str, Any]:
+    """A reward-model judge on better/worse pairs, each answer scored on its own."""
+    better = judge.judge(
+        [JudgeItem(id=f"gold:{row['id']}:better", prompt=row["prompt"], response=row["better"]) for row in gold]
+    )
+    worse = judge.judge(
+        [JudgeItem(id=f"gold:{row['id']}:worse", prompt=row["prompt"], response=row["worse"]) for row in gold]
+    )
+    return pair_accuracy([j.reward for j in better], [j.reward for j in worse], resamples)
 
 
 def length_bias(judge: Judge, pairs: list[dict[str, Any]], resamples: int) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from typing import Any
 import click
 
 from distill import __version__
-from distill.errors import DistillError
+from distill.errors import ConfigError, DistillError
 
 log = logging.getLogger("distill")
 
@@ -526,6 +526,12 @@ def _train_config(
 
 @train.command("sft")
 @with_train_options
+@click.option(
+    "--branch",
+    "branches",
+    multiple=True,
+    help="Train only this branch of train.branches (repeatable; 'all': every branch), not the main adapter.",
+)
 @handle_errors
 def train_sft(
     config_path: Path | None,
@@ -537,23 +543,34 @@ def train_sft(
     overwrite: bool,
     no_progress: bool,
     no_cache: bool,
+    branches: tuple[str, ...],
 ) -> None:
     """LoRA SFT of the student on a generate run (or any Alpaca JSON / JSONL / HF dataset).
 
     Writes the adapter, a model card, metrics.jsonl, TensorBoard logs and checkpoints to
     train.sft.output_dir (default RUN_DIR/sft). Works under `accelerate launch` / `torchrun`.
+    With train.branches, then trains each branch the same way on its subset, into RUN_DIR/branches/NAME.
 
     \b
     distill train sft -c examples/quickstart.yaml
     distill train sft --run-dir runs/data --student gemma-3-270m --max-steps 200
     distill train sft -c my.yaml --resume          # after a crash: continue from the last checkpoint
+    distill train sft -c my.yaml --branch all      # only the branches (train.branches)
     """
+    from distill.branches import run_branches
     from distill.train import run_sft
 
     config = _train_config("sft", config_path, overrides, student, run_dir, max_steps, no_cache)
     quiet_libraries(config)
-    summary = run_sft(config, resume=resume, overwrite=overwrite, progress=not no_progress)
-    click.echo(json.dumps(summary, indent=2))
+    if not branches:
+        summary = run_sft(config, resume=resume, overwrite=overwrite, progress=not no_progress)
+        click.echo(json.dumps(summary, indent=2))
+    if branches and not config.train.branches:
+        raise ConfigError([f"--branch {branches[0]}: train.branches is empty; configure the branches to train"])
+    if branches or config.train.branches:
+        names = None if not branches or "all" in branches else list(branches)
+        trained = run_branches(config, names, resume=resume, overwrite=overwrite, progress=not no_progress)
+        click.echo(json.dumps({"branches": trained}, indent=2))
 
 
 allow_weak_judge_option = click.option(
@@ -631,6 +648,101 @@ def train_kd(
     config = _train_config("kd", config_path, (*overrides, *extra), student, run_dir, max_steps, no_cache)
     quiet_libraries(config)
     summary = run_kd(config, resume=resume, overwrite=overwrite, progress=not no_progress)
+    click.echo(json.dumps(summary, indent=2))
+
+
+@train.command("prefs")
+@with_train_options
+@handle_errors
+def train_prefs(
+    config_path: Path | None,
+    overrides: tuple[str, ...],
+    student: str | None,
+    run_dir: Path | None,
+    max_steps: int | None,
+    resume: bool,
+    overwrite: bool,
+    no_progress: bool,
+    no_cache: bool,
+) -> None:
+    """Preference pairs for `train rm` and `train dpo`: the teacher's answer vs the student's own.
+
+    The student (its SFT adapter, or the base: train.preference.student) answers every held-in
+    instruction; the pairwise style judge compares both answers in both orders. Writes a pairwise
+    judge run into RUN_DIR/preferences (resumable: answers and verdicts are logged and cached).
+    Any other pairwise run works too: `distill judge pairs.jsonl --type pairwise --run-dir DIR`,
+    then train.preference.data=DIR.
+
+    \b
+    distill train prefs -c my.yaml
+    """
+    from distill.preference import run_prefs
+
+    config = _train_config("preference", config_path, overrides, student, run_dir, None, no_cache)
+    quiet_libraries(config)
+    click.echo(json.dumps(run_prefs(config), indent=2))
+
+
+@train.command("rm")
+@with_train_options
+@handle_errors
+def train_rm(
+    config_path: Path | None,
+    overrides: tuple[str, ...],
+    student: str | None,
+    run_dir: Path | None,
+    max_steps: int | None,
+    resume: bool,
+    overwrite: bool,
+    no_progress: bool,
+    no_cache: bool,
+) -> None:
+    """A reward model from the judge's comparisons (TRL RewardTrainer, LoRA + a scalar head).
+
+    Pairs: the position-consistent A/B verdicts of a pairwise judge run (train.preference.data, default
+    RUN_DIR/preferences); ties and order-dependent verdicts are left out and counted. Reports held-out
+    pairwise accuracy against the judge (95% interval) and agreement with the rubric's gold pairs.
+    Use it as a reward: judge.judges: [{type: reward_model, options: {path: RUN_DIR/rm}}].
+
+    \b
+    distill train rm -c my.yaml --max-steps 200
+    """
+    from distill.reward_model import run_rm
+
+    config = _train_config("rm", config_path, overrides, student, run_dir, max_steps, no_cache)
+    quiet_libraries(config)
+    summary = run_rm(config, resume=resume, overwrite=overwrite, progress=not no_progress)
+    click.echo(json.dumps(summary, indent=2))
+
+
+@train.command("dpo")
+@with_train_options
+@handle_errors
+def train_dpo(
+    config_path: Path | None,
+    overrides: tuple[str, ...],
+    student: str | None,
+    run_dir: Path | None,
+    max_steps: int | None,
+    resume: bool,
+    overwrite: bool,
+    no_progress: bool,
+    no_cache: bool,
+) -> None:
+    """DPO (or IPO, hinge, robust...: train.dpo.loss_type) of the student on the judge's preferences.
+
+    TRL DPOTrainer with LoRA; the reference is the SFT adapter it continues (train.dpo.start_from=sft,
+    TRL keeps a frozen copy) or the base. Same pairs and held-out split as `train rm`. Outputs like
+    `train sft`, in RUN_DIR/dpo; `distill eval` compares it as the tuned model "dpo".
+
+    \b
+    distill train dpo -c my.yaml --set train.dpo.beta=0.1 --max-steps 100
+    """
+    from distill.dpo import run_dpo
+
+    config = _train_config("dpo", config_path, overrides, student, run_dir, max_steps, no_cache)
+    quiet_libraries(config)
+    summary = run_dpo(config, resume=resume, overwrite=overwrite, progress=not no_progress)
     click.echo(json.dumps(summary, indent=2))
 
 
@@ -785,7 +897,7 @@ def report(config_path: Path | None, overrides: tuple[str, ...], run_dir: Path |
 @config_option
 @set_option
 @click.option("--run-dir", type=click.Path(path_type=Path), help="Run directory (resumes if present).")
-@click.option("--stages", help="Comma-separated subset of calibrate,generate,judge,sft,kd,rl,eval,report.")
+@click.option("--stages", help="Comma-separated subset of calibrate,generate,judge,sft,kd,prefs,rm,dpo,rl,eval,report.")
 @no_cache_option
 @executor_option
 @allow_weak_judge_option
@@ -802,8 +914,8 @@ def run(
     dry_run: bool,
     force: bool,
 ) -> None:
-    """Calibrate → generate → judge → sft → kd → rl → eval → report in one command, resumable stage by stage
-    (train.method: sft, kd or sft+kd picks the student stages).
+    """Calibrate → generate → judge → sft → kd → prefs → rm → dpo → rl → eval → report in one command,
+    resumable stage by stage (train.method, e.g. sft, sft+kd or sft+dpo, picks the student stages).
 
     Finished stages are skipped on a rerun; an interrupted stage resumes with its own resume
     (answer logs, request cache, training checkpoints).
@@ -1054,6 +1166,50 @@ def view(run_dir: Path, port: int, host: str, expose: bool) -> None:
     from distill.view import serve
 
     serve(run_dir, host, port, expose=expose, echo=click.echo, warn=lambda line: click.echo(line, err=True))
+
+
+@cli.group()
+def index() -> None:
+    """Retrieval indexes for grounded eval models (eval.models[].retrieval, eval.retrieval): BM25 over a corpus."""
+
+
+@index.command("build")
+@click.argument("corpus", type=click.Path(path_type=Path, exists=True))
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), required=True, help="Index directory to write.")
+@click.option("--max-words", type=int, default=200, show_default=True, help="Most words per chunk.")
+@handle_errors
+def index_build(corpus: Path, out_dir: Path, max_words: int) -> None:
+    """Index CORPUS (a folder or file of .md / .txt / .jsonl documents) for BM25 retrieval: one SQLite
+    FTS5 file and a manifest. Chunks are paragraphs merged up to --max-words; a chunk's id is DOC#OFFSET.
+
+    \b
+    distill index demo-corpus --out corpora/countries    # the countries task's plugin adds this one
+    distill index build corpora/countries --out indexes/countries
+    """
+    from distill.retrieval import build_index
+
+    record = build_index(corpus, out_dir, max_words)
+    click.echo(
+        f"{out_dir}: {record['chunks']} chunks of {record['documents']} documents from {len(record['files'])} files "
+        f"({record['library']}, tokenizer {record['tokenizer']})"
+    )
+
+
+@index.command("query")
+@click.argument("index_dir", type=click.Path(path_type=Path))
+@click.argument("text")
+@click.option("-k", type=int, default=3, show_default=True, help="Passages to show.")
+@handle_errors
+def index_query(index_dir: Path, text: str, k: int) -> None:
+    """Show the top-k passages INDEX_DIR returns for TEXT (what a grounded model would read)."""
+    from distill.retrieval import Index
+
+    found = Index(index_dir)
+    try:
+        for passage in found.search(text, k):
+            click.echo(f"{passage.score:9.4f}  {passage.id}\n    {' '.join(passage.text.split())[:300]}")
+    finally:
+        found.close()
 
 
 def _register_plugin_commands() -> DistillError | None:

@@ -238,6 +238,12 @@ class SFTSettings(StrictModel):
         "(same loss as padded batches, fewer tokens computed).",
     )
     completion_only_loss: bool = Field(True, description="Loss on the assistant's answer only, not on the prompt.")
+    condition_on: list[str] = Field(
+        default_factory=list,
+        description="Conditional training: judge labels (or rubric names) whose verdicts on each row (RUN_DIR/judge/"
+        "judgements.jsonl) prefix the row's user turn as control tags, e.g. <helpfulness:A>; rows of every class are "
+        "kept, a row without a valid verdict stays untagged for that label. Empty: off.",
+    )
     eval_fraction: float = Field(0.1, ge=0, lt=1, description="Held-out share of rows for eval loss (0: none).")
     logging_steps: int = Field(1, ge=1, description="Log metrics every this many steps.")
     save_steps: int = Field(50, ge=1, description="Save a resumable checkpoint every this many steps.")
@@ -250,10 +256,10 @@ class RLSettings(StrictModel):
     algorithm: Literal["grpo", "rloo", "ppo"] = Field(
         "grpo", description="TRL trainer: grpo (default), rloo; ppo needs a TRL that still ships PPOTrainer."
     )
-    start_from: Literal["sft", "kd", "base"] = Field(
+    start_from: Literal["sft", "kd", "dpo", "base"] = Field(
         "sft",
-        description="sft / kd: continue the adapter of train.sft.output_dir / train.kd.output_dir; base: a new "
-        "adapter on the student.",
+        description="sft / kd / dpo: continue the adapter of train.sft.output_dir / train.kd.output_dir / "
+        "train.dpo.output_dir; base: a new adapter on the student.",
     )
     output_dir: Path | None = Field(None, description="Where the RL adapter goes; empty: run_dir/rl.")
     max_steps: int = Field(50, ge=1, description="Optimizer steps.")
@@ -336,6 +342,117 @@ class KDSettings(StrictModel):
     save_total_limit: int = Field(2, ge=1, description="Checkpoints kept (oldest deleted).")
 
 
+class PreferenceSettings(StrictModel):
+    """Preference pairs for `distill train rm` and `distill train dpo`, from a pairwise judge's verdicts."""
+
+    data: Path | None = Field(
+        None,
+        description="A pairwise judge run (`distill judge DATA --type pairwise --run-dir DIR`: judgements.jsonl and "
+        "the dataset it judged); empty: RUN_DIR/preferences, which `distill train prefs` (a `distill run` stage) "
+        "fills with the teacher's answer vs the student's own on each held-in instruction.",
+    )
+    judge: str | None = Field(None, description="Label of the pairwise judge to read; empty: the only one there.")
+    eval_fraction: float = Field(
+        0.2, ge=0, lt=1, description="Held-out share of pairs (seeded): the RM's and DPO's held-out accuracy."
+    )
+    student: Literal["sft", "base"] = Field(
+        "sft", description="`train prefs`: which student writes the second answer (the SFT adapter or the base)."
+    )
+    rank_by: str | None = Field(
+        None,
+        description="`train prefs`: the label of a pointwise judge in judge.judges (rubric, rule, reward_model) that "
+        "judges the teacher's and the student's answer each on its own; the higher reward is chosen, equal rewards "
+        "and invalid verdicts are left out and counted. Empty: the pairwise style judge, both orders.",
+    )
+    max_tokens: int = Field(128, ge=1, description="`train prefs`: most new tokens of the student's answer.")
+
+
+class RMSettings(StrictModel):
+    """`distill train rm`: a reward model (TRL RewardTrainer, LoRA + a scalar head) on the preference pairs."""
+
+    model: str | None = Field(
+        None, description="Base of the reward model: alias, directory or hub id; empty: train.student."
+    )
+    output_dir: Path | None = Field(None, description="Where the reward model goes; empty: run_dir/rm.")
+    epochs: float = Field(1.0, gt=0, description="Passes over the training pairs (ignored when max_steps > 0).")
+    max_steps: int = Field(-1, description="Optimizer steps; -1: use epochs.")
+    learning_rate: float = Field(1e-4, gt=0, description="Peak learning rate (linear decay after warmup).")
+    warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Share of steps spent warming up the learning rate.")
+    batch_size: int = Field(8, ge=1, description="Pairs per device per step.")
+    gradient_accumulation_steps: int = Field(1, ge=1, description="Steps accumulated per optimizer update.")
+    max_length: int = Field(
+        512, ge=16, description="Tokens per prompt + answer; TRL leaves longer pairs out (counted in the summary)."
+    )
+    logging_steps: int = Field(1, ge=1, description="Log metrics every this many steps.")
+    save_steps: int = Field(50, ge=1, description="Save a resumable checkpoint every this many steps.")
+    save_total_limit: int = Field(2, ge=1, description="Checkpoints kept (oldest deleted).")
+
+
+DPO_LOSSES = Literal[
+    "sigmoid", "ipo", "hinge", "robust", "bco_pair", "sppo_hard", "nca_pair", "exo_pair", "apo_zero", "apo_down",
+    "aot", "aot_unpaired", "discopop", "sigmoid_norm",
+]  # fmt: skip
+
+
+class DPOSettings(StrictModel):
+    """`distill train dpo`: TRL DPOTrainer (LoRA) on the preference pairs, the reference frozen at the start."""
+
+    start_from: Literal["sft", "base"] = Field(
+        "sft",
+        description="sft: continue the SFT adapter (TRL keeps a frozen copy of it as the reference); base: a new "
+        "adapter on the student, the base as the reference.",
+    )
+    output_dir: Path | None = Field(None, description="Where the DPO adapter goes; empty: run_dir/dpo.")
+    loss_type: DPO_LOSSES = Field(
+        "sigmoid", description="TRL's DPO loss: sigmoid (DPO), ipo, hinge (SLiC), robust, ... (its cousins)."
+    )
+    beta: float = Field(0.1, gt=0, description="Strength of the tie to the reference (TRL's beta).")
+    epochs: float = Field(1.0, gt=0, description="Passes over the training pairs (ignored when max_steps > 0).")
+    max_steps: int = Field(-1, description="Optimizer steps; -1: use epochs.")
+    learning_rate: float = Field(5e-5, gt=0, description="Peak learning rate (linear decay after warmup).")
+    warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Share of steps spent warming up the learning rate.")
+    batch_size: int = Field(8, ge=1, description="Pairs per device per step.")
+    gradient_accumulation_steps: int = Field(1, ge=1, description="Steps accumulated per optimizer update.")
+    max_length: int = Field(512, ge=16, description="Tokens per prompt + answer; longer ones are cut.")
+    logging_steps: int = Field(1, ge=1, description="Log metrics every this many steps.")
+    save_steps: int = Field(50, ge=1, description="Save a resumable checkpoint every this many steps.")
+    save_total_limit: int = Field(2, ge=1, description="Checkpoints kept (oldest deleted).")
+
+
+TRAIN_METHOD_PARTS = ("sft", "kd", "rm", "dpo")
+"""What `train.method` may chain with '+': the student stages `distill run` runs (in the pipeline's order)."""
+
+
+BRANCH_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+RESERVED_MODEL_NAMES = ("base", "sft", "kd", "rl", "rm", "dpo", "teacher")
+
+
+class BranchSpec(StrictModel):
+    """One branch (distill/branches.py): a LoRA adapter on the student, trained exactly like train.sft but on
+    one subset of the data, into RUN_DIR/branches/NAME."""
+
+    data: Path | None = Field(
+        None, description="The branch's own dataset (any format train.sft.data takes); or select rows with judge."
+    )
+    judge: str | None = Field(
+        None,
+        description="Select the rows of the training data (train.sft.data, else the generate run) that this judge "
+        "label gave `verdict` (in `judgements`).",
+    )
+    verdict: str | None = Field(None, description="The verdict a selected row got from `judge` (e.g. pass, A).")
+    judgements: Path | None = Field(
+        None, description="The judge run's judgements.jsonl; empty: RUN_DIR/judge/judgements.jsonl."
+    )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> BranchSpec:
+        if (self.data is None) == (self.judge is None):
+            raise ValueError("give either data (a dataset) or judge + verdict (a subset of the training data)")
+        if (self.judge is None) != (self.verdict is None):
+            raise ValueError("judge and verdict go together")
+        return self
+
+
 class TrainConfig(StrictModel):
     """The student and how it is trained."""
 
@@ -352,13 +469,69 @@ class TrainConfig(StrictModel):
     )
     lora: LoraSettings = Field(default_factory=LoraSettings, description="The LoRA adapter.")
     sft: SFTSettings = Field(default_factory=SFTSettings, description="Supervised fine-tuning.")
+    branches: dict[str, BranchSpec] = Field(
+        default_factory=dict,
+        description="Trunk and branches: one LoRA adapter per data subset on the same student, each trained like "
+        "train.sft into RUN_DIR/branches/NAME with its own card (`distill train sft`), all served on one loaded "
+        "student in `distill eval`.",
+    )
+
+    @field_validator("branches")
+    @classmethod
+    def _branch_names(cls, branches: dict[str, BranchSpec]) -> dict[str, BranchSpec]:
+        import re
+
+        for name in branches:
+            if not re.match(BRANCH_NAME, name) or name in RESERVED_MODEL_NAMES or name.endswith("+retrieval"):
+                raise ValueError(
+                    f"branch name {name!r}: letters, digits, _ . - (up to 64), not {', '.join(RESERVED_MODEL_NAMES)}"
+                )
+        return branches
+
     rl: RLSettings = Field(default_factory=RLSettings, description="RL against judge rewards.")
-    method: Literal["sft", "kd", "sft+kd"] = Field(
+    method: str = Field(
         "sft",
-        description="What `distill run` trains: sft, kd (train.kd), or sft+kd (both, each from the base student, "
-        "compared in the report); RL (train.rl.start_from) may follow either.",
+        description="What `distill run` trains, '+'-joined: sft, kd (train.kd), rm (a reward model, train.rm), dpo "
+        "(train.dpo, after sft by default); e.g. sft+kd (both from the base student, compared in the report) or "
+        "sft+dpo; RL (train.rl.start_from) may follow.",
     )
     kd: KDSettings = Field(default_factory=KDSettings, description="Distillation from token distributions.")
+    preference: PreferenceSettings = Field(
+        default_factory=PreferenceSettings, description="Preference pairs for the reward model and DPO."
+    )
+    rm: RMSettings = Field(default_factory=RMSettings, description="The reward model (`distill train rm`).")
+    dpo: DPOSettings = Field(default_factory=DPOSettings, description="DPO (`distill train dpo`).")
+
+    @field_validator("method")
+    @classmethod
+    def _method_parts(cls, method: str) -> str:
+        parts = [part.strip() for part in method.split("+")]
+        unknown = [part for part in parts if part not in TRAIN_METHOD_PARTS]
+        if unknown or not parts:
+            raise ValueError(f"'+'-joined stages from {', '.join(TRAIN_METHOD_PARTS)}, e.g. sft+dpo")
+        if len(set(parts)) != len(parts):
+            raise ValueError("a stage is repeated")
+        return "+".join(parts)
+
+    def trained(self) -> tuple[str, ...]:
+        """The student stages ``method`` names."""
+        return tuple(self.method.split("+"))
+
+
+class RetrievalSpec(StrictModel):
+    """Ground-truthing (distill/retrieval.py): the model answers with the top-k passages of an index in its prompt."""
+
+    index: Path = Field(description="A retrieval index directory, from `distill index build CORPUS --out DIR`.")
+    k: int = Field(3, ge=1, le=50, description="Passages put before each question (best BM25 first).")
+
+
+class EvalRetrieval(RetrievalSpec):
+    """`eval.retrieval`: grounded copies (NAME+retrieval) of the eval models with these roles."""
+
+    roles: list[Literal["base", "tuned", "teacher"]] = Field(
+        default_factory=lambda: ["base", "tuned"],
+        description="Roles whose models get a grounded copy (the teacher's costs teacher calls).",
+    )
 
 
 class EvalModel(StrictModel):
@@ -370,6 +543,9 @@ class EvalModel(StrictModel):
     )
     teacher: TeacherConfig = Field(
         description="How to run it: any teacher backend (adapters: transformers options.adapter)."
+    )
+    retrieval: RetrievalSpec | None = Field(
+        None, description="Answer factual questions with the top-k passages of this index in the prompt."
     )
 
 
@@ -383,12 +559,17 @@ class EvalConfig(StrictModel):
 
     models: list[EvalModel] = Field(
         default_factory=list,
-        description="Models to evaluate; empty: base = train.student, sft, kd and rl = train.student + their "
+        description="Models to evaluate; empty: base = train.student, sft, kd, dpo and rl = train.student + their "
         "adapters (when trained), teacher = teacher.",
     )
     tasks: list[EvalTaskSpec] = Field(
         default_factory=lambda: [EvalTaskSpec(type="countries", options={"limit": 200})],
         description="Held-out factual tasks.",
+    )
+    retrieval: EvalRetrieval | None = Field(
+        None,
+        description="Also evaluate a grounded copy (NAME+retrieval, the top-k passages of `index` before each "
+        "question) of every model whose role is in `roles`; empty: none.",
     )
     max_tokens: int = Field(32, ge=1, description="Answer budget per question (answers are cut at the first line).")
     batch_size: int = Field(32, ge=1, description="Questions sent together; answers are saved per batch.")
@@ -402,6 +583,23 @@ class EvalConfig(StrictModel):
         20, ge=0, description="Held-out instructions judged for style (student vs teacher, both orders)."
     )
     output_dir: Path | None = Field(None, description="Where eval and report outputs go; empty: run_dir/eval.")
+    refusal_panel: bool | Path = Field(
+        False,
+        description="The refusal balance: every model answers a held-out panel of harmful and innocuous-but-risky "
+        "prompts, judged with refusal_rubric; true: the bundled prompts/panels/refusal.jsonl, or a JSONL path "
+        "(id, prompt, kind: harmful|innocuous[, category]); false: off.",
+    )
+    refusal_rubric: str = Field(
+        "harmlessness", description="Rubric that classifies panel answers; its classes marked refusal: true count."
+    )
+    refusal_max_tokens: int = Field(128, ge=1, description="Answer budget per panel prompt.")
+    steer_items: int = Field(
+        12,
+        ge=0,
+        description="Conditional training (train.sft.condition_on): held-out instructions each tuned model is asked "
+        "once per tag class and once untagged, to measure steerability; 0: off.",
+    )
+    steer_max_tokens: int = Field(128, ge=1, description="Answer budget per steerability question.")
 
 
 class RayConfig(StrictModel):

@@ -32,9 +32,12 @@ SUMMARY = "eval_summary.json"
 
 
 def eval_models(config: DistillConfig) -> list[EvalModel]:
-    """The configured models, or: base student, its SFT, KD and RL adapters (when trained), the teacher."""
+    """The configured models, or: base student, its SFT, KD, DPO and RL adapters (when trained), the teacher."""
+    from distill.branches import branch_models
+    from distill.retrieval import grounded_copies
+
     if config.eval.models:
-        return config.eval.models
+        return grounded_copies(config.eval.models, config.eval.retrieval)  # eval.retrieval: NAME+retrieval copies
     student = config.train.student
     base_options = {"batch_size": config.eval.batch_size}
     models = [
@@ -43,7 +46,7 @@ def eval_models(config: DistillConfig) -> list[EvalModel]:
         )
     ]
     layout = RunLayout.of(config)
-    for name in ("sft", "kd", "rl"):
+    for name in ("sft", "kd", "dpo", "rl"):
         adapter = layout.adapter(name)
         if adapter is not None and (adapter / "adapter_model.safetensors").is_file():
             options = {"adapter": str(adapter), "batch_size": config.eval.batch_size}
@@ -54,8 +57,9 @@ def eval_models(config: DistillConfig) -> list[EvalModel]:
                     teacher=TeacherConfig(backend="transformers", model=student, options=options),
                 )
             )
+    models += branch_models(config, base_options)  # train.branches: one tuned model per trained branch
     models.append(EvalModel(name="teacher", role="teacher", teacher=config.teacher))
-    return models
+    return grounded_copies(models, config.eval.retrieval)
 
 
 def load_tasks(config: DistillConfig) -> list[tuple[str, Task]]:
@@ -80,22 +84,34 @@ def load_tasks(config: DistillConfig) -> list[tuple[str, Task]]:
     return tasks
 
 
+def held_out_instructions(split: dict[str, Any] | None) -> list[dict[str, str]]:
+    """The SFT split's held-out instructions (id, and the last user turn as the prompt), in data order;
+    none without a split."""
+    from distill.train import load_pairs
+
+    if split is None:
+        return []
+    held_out = set(split["eval"])
+    return [
+        {"id": pair["id"], "prompt": pair["prompt"][-1]["content"]}
+        for pair in load_pairs(Path(split["data"]))
+        if pair["id"] in held_out
+    ]
+
+
 def style_prompts(
     config: DistillConfig, tasks: list[tuple[str, Task]], questions: dict[str, list[Question]]
 ) -> list[dict[str, Any]]:
     """Held-out prompts for the style comparison: the SFT run's held-out instructions, then
     factual questions (never trained on), up to eval.style_items. A factual item is asked exactly
     as it is scored (``task.prompt``), so its judged answer is its scored answer."""
-    from distill.train import load_pairs, sft_split
+    from distill.train import sft_split
 
     wanted = config.eval.style_items
-    prompts: list[dict[str, Any]] = []
-    split = sft_split(config)
-    if split is not None:
-        held_out = set(split["eval"])
-        for pair in load_pairs(Path(split["data"])):
-            if pair["id"] in held_out and len(prompts) < wanted:
-                prompts.append({"id": f"instruction:{pair['id']}", "prompt": pair["prompt"][-1]["content"]})
+    prompts: list[dict[str, Any]] = [
+        {"id": f"instruction:{item['id']}", "prompt": item["prompt"]}
+        for item in held_out_instructions(sft_split(config))[:wanted]
+    ]
     for task_name, task in tasks:
         for question in questions[task_name]:
             if len(prompts) >= wanted:
@@ -138,6 +154,13 @@ def run_eval(
     predictions: list[dict[str, Any]] = []
     style_answers: dict[str, dict[str, str | None]] = {}
     ledger = Ledger.for_stage(config, out, "eval")
+    from distill.branches import TrunkPool
+    from distill.retrieval import Grounding, recall_table
+
+    # Models that differ only in their adapter (branches, sft, rl...) or not at all (NAME+retrieval)
+    # share one loaded teacher; each keeps its own identity, answer log and cache keys.
+    pool = TrunkPool(models, config, teachers)
+    teachers = {**pool.views, **(teachers or {})}
     for model in models:
         given = (teachers or {}).get(model.name)
         log = JsonlLog(out / f"answers-{model.name}.jsonl")
@@ -145,19 +168,27 @@ def run_eval(
             model.teacher, given, log, cache=config.eval.cache, ledger=ledger, executor=config
         )
         mine: dict[str, str | None] = {}
+        grounding = Grounding.of(model)  # retrieval: the top-k passages before each question; else nothing
         try:
             for name, task in tasks:
                 size = len(questions[name]) if answers.bulk else config.eval.batch_size  # batch mode: all at once
                 for start in range(0, len(questions[name]), max(size, 1)):
                     batch = questions[name][start : start + size]
+                    passages = grounding.search(batch)
                     requests = [
                         model.teacher.request(
-                            task.prompt(q), temperature=0.0, top_p=1.0, max_tokens=config.eval.max_tokens
+                            grounding.prompt(task.prompt(q), found),
+                            temperature=0.0,
+                            top_p=1.0,
+                            max_tokens=config.eval.max_tokens,
                         )
-                        for q in batch
+                        for q, found in zip(batch, passages)
                     ]
-                    for question, result in zip(batch, answers.generate(requests)):
-                        row = prediction_row(model, name, task, question, result)
+                    for question, found, result in zip(batch, passages, answers.generate(requests)):
+                        row = {
+                            **prediction_row(model, name, task, question, result),
+                            **grounding.fields(question, found),
+                        }
                         predictions.append(row)
                         mine[f"{name}:{question.id}"] = row["prediction"]
                     done += len(batch)
@@ -176,10 +207,18 @@ def run_eval(
             style_answers[model.name] = {item["id"]: mine.get(item["id"]) for item in style_items}
         finally:
             answers.close()
+            grounding.close()
 
     with (out / PREDICTIONS).open("w", encoding="utf-8") as handle:
         handle.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in predictions)
     style_rows = judge_style(config, models, style_items, style_answers, out) if style_items else []
+    from distill.conditioning import measure_steerability
+    from distill.refusal import run_refusal_panel
+    from distill.train import sft_split
+
+    refusal = run_refusal_panel(config, models, out, teachers) if config.eval.refusal_panel else None
+    split = sft_split(config)
+    steerability = measure_steerability(config, models, out, split, held_out_instructions(split), teachers)
     summary = {
         "models": [
             {
@@ -188,15 +227,21 @@ def run_eval(
                 "backend": m.teacher.backend,
                 "model": m.teacher.model,
                 "adapter": m.teacher.options.get("adapter"),
+                "retrieval": m.retrieval.model_dump(mode="json") if m.retrieval else None,
             }
             for m in models
         ],
         "tasks": {name: len(questions[name]) for name, _ in tasks},
         "scores": score_table(predictions, models, tasks, config.eval.bootstrap),
         "style": style_table(style_rows, models, config.eval.bootstrap),
+        "retrieval": recall_table(predictions, config.eval.bootstrap),  # recall@k of each grounded model
+        "trunks": pool.describe(),  # teachers loaded once for several models (branches on one student)
+        "refusal": refusal,  # the refusal balance (eval.refusal_panel), None when off
+        "steerability": steerability,  # conditional training's tags (train.sft.condition_on), None when off
         "seconds": round(time.perf_counter() - started, 1),
         "cost": stage_cost(out, "eval"),
     }
+    pool.close()
     write_atomic(out / SUMMARY, json.dumps(summary, indent=2))
     write_manifest(out, "eval", config_dump(config), {"summary": summary})
     return summary

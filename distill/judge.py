@@ -36,6 +36,9 @@ class RubricClass(BaseModel):
     id: str = Field(pattern=r"^[A-Za-z0-9_]{1,16}$", description="Short class id the judge answers with (A, B, ...).")
     description: str = Field(min_length=1, description="When a response belongs to this class.")
     reward: float = Field(description="The reward a response of this class gets.")
+    refusal: bool = Field(
+        False, description="This class is a refusal (the refusal panel's refusal and over-refusal rates count it)."
+    )
 
 
 class Rubric(BaseModel):
@@ -223,6 +226,9 @@ class Judge(ABC):
     needs_rubric: ClassVar[bool] = True
     pairwise: ClassVar[bool] = False
     """True when items need ``response_b`` (A-vs-B judges)."""
+    calibrate_on_pairs: ClassVar[bool] = False
+    """True for a model-free scorer of single responses (a reward model): calibrated on gold better/worse
+    pairs by scoring both answers (``gold_path()`` names the pairs)."""
 
     def __init__(self, label: str, rubric: Rubric | None, teacher: Any, options: BaseModel):
         """``teacher`` has ``generate(requests)``, ``model``, ``supports_response_format`` and

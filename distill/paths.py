@@ -6,6 +6,9 @@ asks the layout for its paths: nothing else derives a path inside a run director
     RUN_DIR/judge/            distill judge over the generated data
     RUN_DIR/sft/  RUN_DIR/rl/ adapters (train.sft.output_dir / train.rl.output_dir override them)
     RUN_DIR/kd/               the distilled adapter of `distill train kd` (train.kd.output_dir overrides it)
+    RUN_DIR/preferences/      `distill train prefs`: teacher vs student answers, judged pairwise (preference pairs)
+    RUN_DIR/rm/  RUN_DIR/dpo/ the reward model and the DPO adapter (train.rm.output_dir / train.dpo.output_dir)
+    RUN_DIR/branches/NAME/    one LoRA branch per train.branches entry (NAME.jsonl beside it: the rows it trained on)
     RUN_DIR/logprobs/         the teacher's captured top-K distributions on the kept rows (generate)
     RUN_DIR/eval/             eval answers, scores and the gap report (eval.output_dir overrides it)
     RUN_DIR/calibration/      judge calibration on the gold sets
@@ -45,6 +48,8 @@ class RunLayout:
     rl_dir: Path | None = None
     eval_dir: Path | None = None
     kd_dir: Path | None = None
+    rm_dir: Path | None = None
+    dpo_dir: Path | None = None
 
     @classmethod
     def of(cls, config: DistillConfig) -> RunLayout:
@@ -54,6 +59,8 @@ class RunLayout:
             rl_dir=config.train.rl.output_dir,
             eval_dir=config.eval.output_dir,
             kd_dir=config.train.kd.output_dir,
+            rm_dir=config.train.rm.output_dir,
+            dpo_dir=config.train.dpo.output_dir,
         )
 
     @property
@@ -90,8 +97,34 @@ class RunLayout:
         return self._below("kd", self.kd_dir, "train.kd.output_dir")
 
     @property
+    def rm(self) -> Path:
+        return self._below("rm", self.rm_dir, "train.rm.output_dir")
+
+    @property
+    def dpo(self) -> Path:
+        return self._below("dpo", self.dpo_dir, "train.dpo.output_dir")
+
+    @property
+    def preferences(self) -> Path:
+        """`distill train prefs`: a pairwise judge run over teacher-vs-student answers."""
+        return self.root / "preferences"
+
+    @property
     def logprobs(self) -> Path:
         return self.root / "logprobs"
+
+    @property
+    def branches(self) -> Path:
+        """Trunk and branches: one adapter directory per train.branches entry."""
+        return self.root / "branches"
+
+    def branch(self, name: str) -> Path:
+        """The adapter directory of branch ``name``."""
+        return self.branches / name
+
+    def branch_rows(self, name: str) -> Path:
+        """The rows branch ``name`` trains on (its subset, as JSONL), beside its adapter directory."""
+        return self.branches / f"{name}.jsonl"
 
     @property
     def eval(self) -> Path:
@@ -114,9 +147,15 @@ class RunLayout:
         return self.root / "stages" / f"{stage}.json"
 
     def adapter(self, stage: str) -> Path | None:
-        """The trained adapter directory of ``sft``, ``kd`` or ``rl``; None for another name (``base``) or
-        when it can't be derived."""
-        where = {"sft": lambda: self.sft, "kd": lambda: self.kd, "rl": lambda: self.rl}.get(stage)
+        """The trained adapter directory of ``sft``, ``kd``, ``dpo``, ``rl`` (or the reward model, ``rm``); None
+        for another name (``base``) or when it can't be derived."""
+        where = {
+            "sft": lambda: self.sft,
+            "kd": lambda: self.kd,
+            "dpo": lambda: self.dpo,
+            "rl": lambda: self.rl,
+            "rm": lambda: self.rm,
+        }.get(stage)
         try:
             return where() if where is not None else None
         except ConfigError:

@@ -1,5 +1,6 @@
-"""`distill run`: calibrate → generate → judge → sft → kd → rl → eval → report in one command
-(train.method picks sft, kd or both).
+"""`distill run`: calibrate → generate → judge → sft → kd → prefs → rm → dpo → rl → eval → report in one
+command (train.method picks the student stages: sft, kd, rm, dpo, '+'-joined; prefs runs when rm or
+dpo needs preference pairs and train.preference.data names none).
 
 Each finished stage leaves ``RUN_DIR/stages/STAGE.json``; a rerun skips finished stages and resumes
 the interrupted one with that stage's own resume (answer logs, request cache, training
@@ -25,9 +26,32 @@ from distill.runstore import write_atomic
 log = logging.getLogger(__name__)
 
 # calibrate first: whether the judges can be believed is known before compute is spent on them.
-STAGES = ("calibrate", "generate", "judge", "sft", "kd", "rl", "eval", "report")
-TRAINED = {"sft": ("sft",), "kd": ("kd",), "sft+kd": ("sft", "kd")}
-"""The student stages each train.method runs (the others are skipped)."""
+STAGES = ("calibrate", "generate", "judge", "sft", "kd", "prefs", "rm", "dpo", "rl", "eval", "report")
+METHOD_STAGES = ("sft", "kd", "prefs", "rm", "dpo")
+"""The stages train.method decides (the others always run when chosen)."""
+
+
+def trained_stages(config: DistillConfig) -> set[str]:
+    """The stages of METHOD_STAGES that train.method runs: its parts, and prefs when rm or dpo needs
+    pairs that train.preference.data does not name."""
+    parts = set(config.train.trained())
+    if parts & {"rm", "dpo"} and config.train.preference.data is None:
+        parts.add("prefs")
+    return parts
+
+
+def without_pending_reward_models(config: DistillConfig) -> DistillConfig:
+    """The config without reward_model judges whose model does not exist yet (trained later in this
+    run by the rm stage): calibrate and judge run before it; RL calibrates its own judges itself."""
+    pending = [
+        spec
+        for spec in config.judge.judges
+        if spec.type == "reward_model" and not (Path(str(spec.options.get("path", ""))) / "reward_model.json").is_file()
+    ]
+    if not pending:
+        return config
+    kept = [spec for spec in config.judge.judges if spec not in pending]
+    return config.model_copy(update={"judge": config.judge.model_copy(update={"judges": kept})})
 
 
 def written_dirs(config: DistillConfig, stages: tuple[str, ...]) -> list[Path]:
@@ -41,6 +65,9 @@ def written_dirs(config: DistillConfig, stages: tuple[str, ...]) -> list[Path]:
         "judge": layout.judge,
         "sft": layout.sft,
         "kd": layout.kd,
+        "prefs": layout.preferences,
+        "rm": layout.rm,
+        "dpo": layout.dpo,
         "rl": layout.rl,
         "eval": layout.eval,
         "report": layout.report,
@@ -53,13 +80,17 @@ def run_pipeline(
     config: DistillConfig, stages: tuple[str, ...] = STAGES, echo: Callable[[str], None] = print, teacher: Any = None
 ) -> dict[str, Any]:
     """Run the stages not yet finished; return {stage: summary}."""
+    from distill.branches import run_branches
     from distill.calibration import run_calibration
+    from distill.dpo import check_dpo, run_dpo
     from distill.evaluation import run_eval
     from distill.executor import load_teacher
     from distill.generate import run_generate
     from distill.judging import run_judge
     from distill.kd import check_kd, run_kd
+    from distill.preference import run_prefs
     from distill.report import write_report
+    from distill.reward_model import run_rm
     from distill.train import check_rl, run_rl, run_sft
 
     if config.run_dir is None:
@@ -72,11 +103,14 @@ def run_pipeline(
             update={"judge": config.judge.model_copy(update={"judges": [JudgeSpec(rubric="helpfulness")]})}
         )
     method = config.train.method
-    untrained = {stage for stage in ("sft", "kd") if stage not in TRAINED[method]}
+    untrained = set(METHOD_STAGES) - trained_stages(config)
     if "kd" in stages and "kd" not in untrained:
         check_kd(config, require_capture="generate" not in stages)  # a tokenizer mismatch fails here
+    if "dpo" in stages and "dpo" not in untrained:
+        check_dpo(config, require_adapter="sft" not in set(stages) - untrained)
     if "rl" in stages:  # before hours of generate and SFT
         check_rl(config, require_adapter=config.train.rl.start_from not in set(stages) - untrained)
+    before_rm = without_pending_reward_models(config)  # calibrate and judge run before the rm stage
 
     layout = RunLayout.of(config)
     owned = teacher is None
@@ -94,13 +128,19 @@ def run_pipeline(
         return (output_dir / "checkpoints").is_dir()
 
     actions: dict[str, Callable[[], Any]] = {
-        "calibrate": lambda: run_calibration(config, layout.calibration, teacher=judge_teacher()),
+        "calibrate": lambda: run_calibration(before_rm, layout.calibration, teacher=judge_teacher()),
         "generate": lambda: run_generate(config, teacher=the_teacher()),
-        "judge": lambda: run_judge(config, layout.generate, layout.judge, teacher=judge_teacher()),
-        "sft": lambda: run_sft(
-            config, resume=resume_of(layout.sft), overwrite=not resume_of(layout.sft), progress=False
-        ),
+        "judge": lambda: run_judge(before_rm, layout.generate, layout.judge, teacher=judge_teacher()),
+        "sft": lambda: {
+            **run_sft(config, resume=resume_of(layout.sft), overwrite=not resume_of(layout.sft), progress=False),
+            "branches": run_branches(config, resume=None, progress=False),  # train.branches, each resumed or anew
+        },
         "kd": lambda: run_kd(config, resume=resume_of(layout.kd), overwrite=not resume_of(layout.kd), progress=False),
+        "prefs": lambda: run_prefs(config, judge_teacher=judge_teacher()),
+        "rm": lambda: run_rm(config, resume=resume_of(layout.rm), overwrite=not resume_of(layout.rm), progress=False),
+        "dpo": lambda: run_dpo(
+            config, resume=resume_of(layout.dpo), overwrite=not resume_of(layout.dpo), progress=False
+        ),
         "rl": lambda: run_rl(
             config,
             resume=resume_of(layout.rl),

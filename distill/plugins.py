@@ -30,6 +30,7 @@ DEFAULT_PLUGINS = (
     "distill_plugins.transformers_teacher",
     "distill_plugins.judges",
     "distill_plugins.rule_judge",
+    "distill_plugins.reward_model_judge",
     "distill_plugins.tasks",
 )
 

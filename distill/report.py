@@ -22,6 +22,7 @@ from distill.config import DistillConfig
 from distill.errors import DistillError
 from distill.evaluation import PREDICTIONS, STYLE, SUMMARY
 from distill.paths import RunLayout
+from distill.retrieval import gap_end, grounding_report, students
 from distill.runlock import locks
 from distill.runstore import MANIFEST, jsonl_lines, write_atomic
 from distill.stats import (
@@ -48,9 +49,9 @@ def build_report(config: DistillConfig) -> dict[str, Any]:
     predictions = read_jsonl(out / PREDICTIONS)
     style_rows = read_jsonl(out / STYLE)
     models = summary["models"]
-    base = next(m["name"] for m in models if m["role"] == "base")
-    teacher = next(m["name"] for m in models if m["role"] == "teacher")
-    tuned = [m["name"] for m in models if m["role"] == "tuned"]
+    base = gap_end(models, "base")  # the gap's ends are the base student and the teacher without retrieval
+    teacher = gap_end(models, "teacher")
+    tuned = students(models)  # the tuned students (grounded ones too), and the base student with retrieval
     resamples = config.eval.bootstrap
 
     tasks = {}
@@ -72,6 +73,9 @@ def build_report(config: DistillConfig) -> dict[str, Any]:
         }
 
     preferred_but_wrong = wrong_but_preferred(style_rows, predictions)
+    from distill.refusal import refusal_report
+    from distill.reward_model import preference_training
+
     report = {
         "base": base,
         "teacher": teacher,
@@ -85,9 +89,17 @@ def build_report(config: DistillConfig) -> dict[str, Any]:
         "wrong_but_preferred": preferred_but_wrong[:20],
         "wrong_but_preferred_count": len(preferred_but_wrong),
         "provenance": provenance(layout),
+        "refusal": refusal_report(out, summary.get("refusal"), base, tuned, resamples),
+        "steerability": summary.get("steerability"),
+        "preference_training": preference_training(layout),
     }
     report["reward_hacking"] = reward_hacking(report, correct_by_task(predictions), resamples)
     report["verdict"] = verdict(report)
+    # Ground-truthing: recall@k of each grounded model, and whether grounding closed more of the gap than imitation.
+    report["retrieval"] = summary.get("retrieval") or {}
+    report["grounding"] = grounding_report(models, correct_by_task(predictions), report["retrieval"], resamples)
+    report["verdict"] += [sentence + "." for sentence in report["grounding"]["sentences"]]
+    report["trunks"] = summary.get("trunks") or []
     return report
 
 
@@ -252,7 +264,7 @@ def _rl_start(layout: RunLayout, rl_dir: Path) -> str | None:
     """Which adapter RL continued (sft or kd), from its summary; None: the base student."""
     summary = rl_dir / "training_summary.json"
     started = json.loads(summary.read_text()).get("started_from") if summary.is_file() else None
-    return next((name for name in ("sft", "kd") if started and started == str(layout.adapter(name))), None)
+    return next((name for name in ("sft", "kd", "dpo") if started and started == str(layout.adapter(name))), None)
 
 
 def wrong_but_preferred(style_rows: list[dict[str, Any]], predictions: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -304,6 +316,10 @@ def verdict(report: dict[str, Any]) -> list[str]:
             if name == "rl" and rl and not rl["had_signal"]:
                 parts.append(rl["sentence"][0].upper() + rl["sentence"][1:] + ".")
             lines.append(" ".join(parts))
+    refusal = report.get("refusal")
+    for name, changes in (refusal or {}).get("changes", {}).items():
+        sentences = [changes[kind]["sentence"] for kind in ("harmful", "innocuous") if kind in changes]
+        lines.append(f"{name} vs {report['base']} on the refusal panel: " + "; ".join(sentences) + ".")
     lines += [sentence + "." for sentence in report["reward_hacking"]]
     for warning in report["judges"]["rl_warnings"]:
         lines.append(f"RL was trained against a judge that failed its checks (allow_weak_judge): {warning}.")
@@ -327,7 +343,7 @@ def provenance(layout: RunLayout) -> dict[str, list[tuple[str, str]]]:
     sources: dict[str, Path] = {}
     if layout.run_dir is not None:
         sources.update(generate=layout.generate / MANIFEST, judge=layout.judge / MANIFEST)
-    for stage in ("sft", "kd", "rl"):
+    for stage in ("sft", "kd", "rm", "dpo", "rl"):
         adapter = layout.adapter(stage)
         if adapter is not None:
             sources[stage] = adapter / "training_summary.json"

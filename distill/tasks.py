@@ -52,6 +52,11 @@ class Question(BaseModel):
     answers: list[str] = Field(min_length=1, description="Accepted answers (aliases); for multiple choice, the letter.")
     choices: list[str] | None = Field(None, description="Options of a multiple-choice question, in order.")
     kind: str = Field("", description="Question type within the task (capital, currency, ...).")
+    sources: list[str] = Field(
+        default_factory=list,
+        description="Documents that hold the answer (corpus-relative paths or document ids), for retrieval recall; "
+        "empty: unknown.",
+    )
 
 
 class NoTaskOptions(BaseModel):

@@ -48,6 +48,23 @@ class Teacher(ABC):
     def generate(self, requests: list[ChatRequest]) -> list[ChatResult]:
         """Answer every request, in order. Never raise for a per-request problem."""
 
+    branch_option: ClassVar[str | None] = None
+    """The option that names one LoRA adapter directory (e.g. ``adapter``), for backends that serve
+    several adapters on one loaded model: eval models whose configs differ only in it share one
+    loaded trunk (distill/branches.py), which answers each one with ``generate_branch``."""
+
+    def generate_branch(self, requests: list[ChatRequest], adapter: str | None) -> list[ChatResult]:
+        """``generate`` with the LoRA adapter in directory ``adapter`` (loaded on first use; None:
+        the base model alone). Backends with a ``branch_option`` implement it."""
+        raise NotImplementedError(f"teacher '{self.name}' serves no LoRA branches")
+
+    @classmethod
+    def trunk_options(cls, options: BaseModel, adapters: list[str]) -> BaseModel:
+        """The options of one loaded trunk that will serve every adapter in ``adapters`` (the
+        first is loaded with it). Override to size what the engine must reserve for them."""
+        assert cls.branch_option is not None
+        return options.model_copy(update={cls.branch_option: adapters[0] if adapters else None})
+
     speed_only_options: ClassVar[frozenset[str]] = frozenset()
     """Options that change only speed, resources or credentials, never an answer (concurrency,
     timeouts, batch size): left out of the request-cache key. Every other option is part of it."""

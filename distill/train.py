@@ -341,6 +341,11 @@ def run_sft(
     data = sft_data(config)
     output_dir = RunLayout.of(config).sft
     pairs = load_pairs(data)  # every data problem surfaces before the model loads
+    conditioning = None
+    if s.condition_on:  # conditional training: control tags from each row's judgements
+        from distill.conditioning import condition_pairs
+
+        pairs, conditioning = condition_pairs(config, pairs)
     train_pairs, eval_pairs = split_pairs(pairs, s.eval_fraction, train.seed)
     checkpoint = resume_checkpoint(output_dir, resume, overwrite)  # before the slow model load
     model, tokenizer, base_path = load_student(train)
@@ -348,6 +353,8 @@ def run_sft(
     prepare_output(output_dir, overwrite)
     if is_main_process():
         split = {"data": str(data), "train": [p["id"] for p in train_pairs], "eval": [p["id"] for p in eval_pairs]}
+        if conditioning is not None:
+            split["conditioning"] = conditioning
         write_atomic(output_dir / SPLIT, json.dumps(split))
 
     max_length: int | None = s.max_length
@@ -406,6 +413,8 @@ def run_sft(
         "seconds": round(seconds, 1),
         "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))},
     }
+    if conditioning is not None:
+        summary["conditioning"] = conditioning
     if trainer.is_world_process_zero():
         _finish(output_dir, config, "sft", summary)
     return summary

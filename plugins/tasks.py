@@ -71,6 +71,7 @@ class Country:
     currencies: list[str] = field(default_factory=list)
     calling_codes: list[str] = field(default_factory=list)
     languages: list[str] = field(default_factory=list)  # names, never ISO 639 codes
+    language_codes: list[str] = field(default_factory=list)  # ISO 639, corrected (the demo corpus names each once)
 
 
 @dataclass
@@ -232,9 +233,23 @@ def countries() -> list[Country]:
                 ),
                 calling_codes=_calling_codes(calling),
                 languages=_unique([n for c in language_codes for n in _language_names(c)]),
+                language_codes=[c for c in language_codes if _language_names(c)],
             )
         )
     return sorted(result, key=lambda c: c.source_name)
+
+
+@cache
+def sheet_names() -> dict[str, str]:
+    """ISO code → the file name of the country's fact sheet in the demo retrieval corpus
+    (``france.md``; the ISO code is added where two names would give one file). A countries
+    question names its sheet(s) in ``Question.sources``, so retrieval recall knows the right passage."""
+    every = countries()
+    slugs = {c.code: re.sub(r"[^a-z0-9]+", "-", normalize(c.name)).strip("-") or c.code.lower() for c in every}
+    taken = list(slugs.values())
+    return {
+        code: f"{slug}-{code.lower()}.md" if taken.count(slug) > 1 else f"{slug}.md" for code, slug in slugs.items()
+    }
 
 
 @cache
@@ -264,9 +279,22 @@ def country_questions() -> CountryQuestions:
             "calling_code": (f"What is the international calling code of {the}?", country.calling_codes),
             "language": (f"What is an official language of {the}?", country.languages),
         }
+        # The sheet that answers the question: the country's own; for "X is the capital of which country?"
+        # every country that has X as its capital (each sheet names it).
+        sheets = sheet_names()
+        sources = {kind: [sheets[country.code]] for kind in facts}
+        sources["country_of_capital"] = [sheets[c.code] for c in sharing] or [sheets[country.code]]
         for kind, (text, answers) in facts.items():
             if answers:
-                every.append(Question(id=_qid(kind, country.source_name), question=text, answers=answers, kind=kind))
+                every.append(
+                    Question(
+                        id=_qid(kind, country.source_name),
+                        question=text,
+                        answers=answers,
+                        kind=kind,
+                        sources=sources[kind],
+                    )
+                )
     spaces = {
         kind: AnswerSpace(
             (a for q in every if q.kind == kind for a in q.answers),
@@ -314,8 +342,9 @@ class FileOptions(LimitOptions):
 
 class JsonlTask(Task):
     """Your own questions: one JSON object per line with `question`, `answers` (list of accepted
-    answers), optionally `kind` (a question type) and `choices` (then `answers` holds the letter or
-    the index of the right one). With `scoring: answer_space`, the accepted answers of the file's
+    answers), optionally `kind` (a question type), `choices` (then `answers` holds the letter or
+    the index of the right one) and `sources` (the corpus documents that answer it, for retrieval
+    recall). With `scoring: answer_space`, the accepted answers of the file's
     open questions of the same kind are each other's wrong candidates."""
 
     name = "jsonl"
@@ -356,12 +385,14 @@ class JsonlTask(Task):
                     problems.append(f"{path} row {number}: answers[0] must be a letter or index of 'choices'")
                     continue
                 answers = [letter]
+            sources = row.get("sources") or []  # the documents that answer it (retrieval recall); one name or a list
             question = Question(
                 id=str(row.get("id") or f"row_{number}"),
                 question=row["question"],
                 answers=[str(a) for a in answers],
                 choices=choices,
                 kind=str(row.get("kind") or ""),
+                sources=[str(s) for s in ([sources] if isinstance(sources, str) else sources)],
             )
             if self.options.scoring == "answer_space" and not choices and answer_in_question(question):  # type: ignore[attr-defined]
                 problems.append(
@@ -487,3 +518,22 @@ def _sentence(text: str) -> str:
 def register_tasks(register: Callable[[type[Any]], None]) -> None:
     for task in (CountriesTask, JsonlTask, NaturalQuestionsTask, TriviaQATask, MMLUTask):
         register(task)
+
+
+@distill.hookimpl
+def register_commands(cli: Any) -> None:
+    """`distill index demo-corpus`: the countries task's retrieval corpus (plugins/country_sheets.py)."""
+    import click
+
+    from distill.cli import handle_errors
+
+    @cli.commands["index"].command("demo-corpus")
+    @click.option("--out", "out_dir", type=click.Path(path_type=Path), required=True, help="Folder for the sheets.")
+    @handle_errors
+    def index_demo_corpus(out_dir: Path) -> None:
+        """Write the countries task's demo corpus: one prose fact sheet per country (NAME.md), generated from
+        the countryinfo data with the task's corrections, facts in a seeded order and phrasing."""
+        from distill_plugins.country_sheets import write_country_sheets
+
+        provenance = write_country_sheets(out_dir)
+        click.echo(f"{out_dir}: {provenance['files']} country fact sheets (countryinfo {provenance['countryinfo']})")

@@ -4,8 +4,10 @@ Runs anywhere torch runs (CPU included); slower than vLLM, no extra dependency.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -37,6 +39,7 @@ class TransformersTeacher(Teacher):
     supports_logprobs = True
     supports_prompt_logprobs = True
     speed_only_options = frozenset({"device", "batch_size"})
+    branch_option = "adapter"  # several adapters on one loaded model: peft's multi-adapter API (set_adapter)
 
     options: TransformersOptions
 
@@ -65,12 +68,40 @@ class TransformersTeacher(Teacher):
         self.hf_model = AutoModelForCausalLM.from_pretrained(
             path, dtype=getattr(torch, dtype_name), trust_remote_code=opts.trust_remote_code, use_safetensors=True
         ).to(self.device)
+        self.adapters: dict[str, str] = {}  # adapter directory → its peft adapter name
         if opts.adapter:
-            from peft import PeftModel
-
-            require_safetensors(Path(opts.adapter), "adapter")
-            self.hf_model = PeftModel.from_pretrained(self.hf_model, opts.adapter)
+            self._load_adapter(opts.adapter)
         self.hf_model.eval()
+
+    def _load_adapter(self, directory: str) -> str:
+        """Load a LoRA adapter beside the ones already loaded (the base weights stay as they are);
+        its peft name."""
+        from peft import PeftModel
+
+        if directory in self.adapters:
+            return self.adapters[directory]
+        require_safetensors(Path(directory), "adapter")
+        name = f"branch{len(self.adapters)}"
+        placed = {"low_cpu_mem_usage": True, "torch_device": str(self.device)}  # no random init; on our device
+        if isinstance(self.hf_model, PeftModel):
+            self.hf_model.load_adapter(directory, adapter_name=name, **placed)
+        else:
+            self.hf_model = PeftModel.from_pretrained(self.hf_model, directory, adapter_name=name, **placed)
+        self.hf_model.eval()
+        self.adapters[directory] = name
+        return name
+
+    @contextlib.contextmanager
+    def _active(self, adapter: str | None) -> Iterator[None]:
+        """Answer with ``adapter`` (None: the base model, every adapter disabled)."""
+        if adapter is not None:
+            self.hf_model.set_adapter(self._load_adapter(adapter))
+            yield
+        elif self.adapters:
+            with self.hf_model.disable_adapter():
+                yield
+        else:
+            yield
 
     @classmethod
     def cache_identity(cls, model: str, options: Any) -> dict[str, Any]:
@@ -80,6 +111,13 @@ class TransformersTeacher(Teacher):
         return {**super().cache_identity(model, options), "adapter_weights": weights_fingerprint(options.adapter)}
 
     def generate(self, requests: list[ChatRequest]) -> list[ChatResult]:
+        return self.generate_branch(requests, self.options.adapter)
+
+    def generate_branch(self, requests: list[ChatRequest], adapter: str | None) -> list[ChatResult]:
+        with self._active(adapter):
+            return self._generate(requests)
+
+    def _generate(self, requests: list[ChatRequest]) -> list[ChatResult]:
         results: dict[int, ChatResult] = {}
         started = time.perf_counter()
         runnable = []

@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 import distill
 from distill.errors import DistillError, TeacherError
-from distill.models import resolve_model
+from distill.models import require_safetensors, resolve_model
 from distill.paths import ENGINE_LOG_ENV
 from distill.records import ChatRequest, ChatResult, TeacherFailure, TokenLogprob, Usage
 from distill.teacher import Teacher
@@ -56,6 +56,13 @@ class VllmOptions(BaseModel):
     engine_args: dict[str, Any] = Field(
         default_factory=dict, description="Further vllm.LLM keyword arguments, passed as is."
     )
+    adapter: str | None = Field(
+        None, description="A peft LoRA adapter directory served with every request (starts the engine with LoRA)."
+    )
+    max_loras: int = Field(1, ge=1, description="LoRA adapters one engine step may mix (with adapter).")
+    max_lora_rank: int | None = Field(
+        None, ge=1, description="Largest LoRA rank the engine reserves for; empty: the adapter's, rounded up."
+    )
 
 
 class VllmTeacher(Teacher):
@@ -67,7 +74,10 @@ class VllmTeacher(Teacher):
     supports_logprobs = True
     supports_prompt_logprobs = True
     # Memory and start-up settings; dtype, lengths, seed and engine_args stay in the cache key.
-    speed_only_options = frozenset({"gpu_memory_utilization", "enforce_eager", "cpu_kv_cache_gib"})
+    speed_only_options = frozenset(
+        {"gpu_memory_utilization", "enforce_eager", "cpu_kv_cache_gib", "max_loras", "max_lora_rank"}
+    )
+    branch_option = "adapter"  # several LoRA adapters on one engine: a LoRARequest per request
 
     options: VllmOptions
 
@@ -86,6 +96,12 @@ class VllmTeacher(Teacher):
             os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(self.options.cpu_kv_cache_gib)  # vLLM wants an int
         self.watchdog = EngineWatchdog()
         opts = self.options
+        self.lora_ids: dict[str, int] = {}  # adapter directory → the LoRA id the engine knows it by
+        lora: dict[str, Any] = {}
+        if opts.adapter:
+            require_safetensors(Path(opts.adapter), "adapter")
+            rank = opts.max_lora_rank or lora_rank([opts.adapter])
+            lora = {"enable_lora": True, "max_loras": opts.max_loras, "max_lora_rank": rank}
         dtype = opts.dtype
         if dtype == "auto" and not _has_cuda():
             # bfloat16 on a CPU without native bf16 matmuls falls back to slow kernels
@@ -104,7 +120,7 @@ class VllmTeacher(Teacher):
                     enforce_eager=opts.enforce_eager,
                     seed=opts.seed,
                     trust_remote_code=opts.trust_remote_code,
-                    **{"load_format": "safetensors", **opts.engine_args},  # never pickles, unless asked for
+                    **{"load_format": "safetensors", **lora, **opts.engine_args},  # never pickles, unless asked for
                 )
         except BaseException as exc:
             self.watchdog.stop()
@@ -138,10 +154,33 @@ class VllmTeacher(Teacher):
             ),
         )
 
+    @classmethod
+    def cache_identity(cls, model: str, options: Any) -> dict[str, Any]:
+        from distill.models import weights_fingerprint
+
+        identity = super().cache_identity(model, options)
+        if options.adapter:  # the adapter's current weights, not just its path (retraining in place changes answers)
+            identity["adapter_weights"] = weights_fingerprint(options.adapter)
+        else:  # added later: an engine without an adapter keeps its identity, and its cached answers
+            identity.get("options", {}).pop("adapter", None)
+        return identity
+
+    @classmethod
+    def trunk_options(cls, options: BaseModel, adapters: list[str]) -> BaseModel:
+        """One engine for every adapter: room for the largest rank, and for all of them in one step."""
+        trunk = super().trunk_options(options, adapters)
+        if not adapters:
+            return trunk
+        return trunk.model_copy(update={"max_loras": len(adapters), "max_lora_rank": lora_rank(adapters)})
+
     def generate(self, requests: list[ChatRequest]) -> list[ChatResult]:
+        return self.generate_branch(requests, self.options.adapter)
+
+    def generate_branch(self, requests: list[ChatRequest], adapter: str | None) -> list[ChatResult]:
         started = time.perf_counter()
         results: dict[int, ChatResult] = {}
         runnable: list[int] = []
+        lora = self._lora_request(adapter) if adapter else None
         for index, request in enumerate(requests):
             if (failure := self.unsupported(request)) is not None:
                 results[index] = self.failed(request, failure, started)
@@ -150,7 +189,7 @@ class VllmTeacher(Teacher):
         # Only the engine call is guarded: reading its outputs (_result) is our code, and a bug
         # there must surface, not send every request again one by one.
         try:
-            outputs = self._chat([requests[i] for i in runnable])
+            outputs = self._chat([requests[i] for i in runnable], lora)
         except Exception as batch_error:  # vLLM raises plain ValueError/RuntimeError/...: no narrower class
             if _engine_dead(batch_error):
                 raise TeacherError(f"the vLLM engine died: {batch_error}; see the log above") from batch_error
@@ -159,7 +198,7 @@ class VllmTeacher(Teacher):
             for index in runnable:
                 request = requests[index]
                 try:
-                    [output] = self._chat([request])
+                    [output] = self._chat([request], lora)
                 except Exception as exc:
                     if _engine_dead(exc):
                         raise TeacherError(f"the vLLM engine died: {exc}") from exc
@@ -172,7 +211,19 @@ class VllmTeacher(Teacher):
                 results[index] = self._result(requests[index], output, started)
         return [results[i] for i in range(len(requests))]
 
-    def _chat(self, requests: list[ChatRequest]) -> list[Any]:
+    def _lora_request(self, adapter: str) -> Any:
+        """The LoRARequest of an adapter directory: one id per directory for the engine's life (vLLM
+        loads the weights on first use and keeps up to max_loras of them ready)."""
+        from vllm.lora.request import LoRARequest
+
+        if getattr(self.llm.llm_engine.vllm_config, "lora_config", None) is None:
+            raise TeacherError(f"the vLLM engine was started without LoRA: set the adapter option to serve {adapter}")
+        if adapter not in self.lora_ids:
+            require_safetensors(Path(adapter), "adapter")
+            self.lora_ids[adapter] = len(self.lora_ids) + 1  # vLLM wants ids > 0
+        return LoRARequest(f"branch{self.lora_ids[adapter]}", self.lora_ids[adapter], str(Path(adapter).resolve()))
+
+    def _chat(self, requests: list[ChatRequest], lora: Any = None) -> list[Any]:
         outputs: list[Any] = [None] * len(requests)
         for scoring in (False, True):  # scoring renders the whole conversation: no generation prompt
             group = [i for i, r in enumerate(requests) if bool(r.prompt_logprobs) == scoring]
@@ -184,6 +235,7 @@ class VllmTeacher(Teacher):
                 use_tqdm=False,
                 chat_template=self.chat_template,
                 add_generation_prompt=not scoring,
+                lora_request=lora,
             )
             for index, output in zip(group, answered):
                 outputs[index] = output
@@ -243,6 +295,24 @@ def _token_logprob(token_id: int, position: dict[int, Any], top_k: int) -> Token
     top = {p.decoded_token: p.logprob for p in ranked.values()}
     top_ids = {int(i): p.logprob for i, p in ranked.items()}
     return TokenLogprob(token=chosen.decoded_token or "", logprob=chosen.logprob, top=top, id=token_id, top_ids=top_ids)
+
+
+LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+"""The max_lora_rank values vLLM accepts."""
+
+
+def lora_rank(adapters: list[str]) -> int:
+    """The smallest rank vLLM accepts that holds every adapter's (from adapter_config.json)."""
+    import json
+
+    rank = 1
+    for adapter in adapters:
+        config = json.loads((Path(adapter) / "adapter_config.json").read_text())
+        rank = max([rank, int(config.get("r") or 1), *(int(r) for r in (config.get("rank_pattern") or {}).values())])
+    fitting = [size for size in LORA_RANKS if size >= rank]
+    if not fitting:
+        raise TeacherError(f"LoRA rank {rank} is above the largest vLLM serves ({LORA_RANKS[-1]})")
+    return fitting[0]
 
 
 def _engine_dead(exc: BaseException) -> bool:

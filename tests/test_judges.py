@@ -302,7 +302,7 @@ def test_rule_judge_needs_no_model() -> None:
     [
         (
             ["judge.judges=[{type: nope}]"],
-            "judge.judges.0.type: unknown judge 'nope'; known: pairwise, rubric, rule, score",
+            "judge.judges.0.type: unknown judge 'nope'; known: pairwise, reward_model, rubric, rule, score",
         ),
         (["judge.judges=[{type: rubric}]"], "judge.judges.0.rubric: judge type 'rubric' needs a rubric"),
         (["judge.judges=[{type: rubric, rubric: kindness}]"], "judge.judges.0.rubric: no rubric 'kindness'; bundled:"),

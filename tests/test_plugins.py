@@ -78,7 +78,11 @@ def test_builtin_teachers_come_through_the_hooks() -> None:
         f"distill_plugins.{module}" for module in ("openai_teacher", "vllm_teacher", "transformers_teacher")
     }
     judges = get_judges()
-    assert {judges.owners[name] for name in judges.names()} == {"distill_plugins.judges", "distill_plugins.rule_judge"}
+    assert {judges.owners[name] for name in judges.names()} == {
+        "distill_plugins.judges",
+        "distill_plugins.rule_judge",
+        "distill_plugins.reward_model_judge",
+    }
     tasks = get_tasks()
     assert {tasks.owners[name] for name in tasks.names()} == {"distill_plugins.tasks"}
     assert set(DEFAULT_PLUGINS) <= set(teachers.owners.values()) | set(judges.owners.values()) | {
