@@ -43,7 +43,7 @@ from distill.teacher import Teacher
 def branch_data(config: DistillConfig, name: str, spec: BranchSpec) -> tuple[Path, dict[str, Any]]:
     """The dataset branch ``name`` trains on, and how it was chosen. A judge-selected subset is
     written to RUN_DIR/branches/NAME.jsonl (row ids kept: the judge's item ids)."""
-    from distill.train import sft_data
+    from distill.train import sft_data, sft_split
 
     if spec.data is not None:
         return spec.data, {"data": str(spec.data)}
@@ -68,7 +68,12 @@ def branch_data(config: DistillConfig, name: str, spec: BranchSpec) -> tuple[Pat
     rows = [{**row, "id": str(row.get("id") or f"row_{number}")} for number, row in enumerate(read_rows(source), 1)]
     if not any(row["id"] in verdicts for row in rows):
         raise ConfigError([f"{where}.judgements: {judgements} judged none of the rows of {source} (another dataset?)"])
-    chosen = [row for row in rows if verdicts.get(row["id"]) == spec.verdict]
+    # The main SFT split's held-out rows are what eval judges every tuned model on (style, steering):
+    # a branch must not train on them.
+    split = sft_split(config)
+    held_out = set(split["eval"]) if split is not None else set()
+    selected = [row for row in rows if verdicts.get(row["id"]) == spec.verdict]
+    chosen = [row for row in selected if row["id"] not in held_out]
     counts: dict[str, int] = {}
     for verdict in verdicts.values():
         counts[str(verdict)] = counts.get(str(verdict), 0) + 1
@@ -85,6 +90,7 @@ def branch_data(config: DistillConfig, name: str, spec: BranchSpec) -> tuple[Pat
         "judgements": str(judgements),
         "rows": len(chosen),
         "of": len(rows),
+        "held_out_left_out": len(selected) - len(chosen),  # rows of the SFT split's held-out set
         "verdicts": counts,
     }
     return path, selection

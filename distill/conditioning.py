@@ -157,7 +157,7 @@ def measure_steerability(
     prompts = steer_prompts(config, held_out)
     if not prompts:
         return {"skipped": "no held-out instructions to ask (train.sft.eval_fraction is 0)"}
-    tuned = [m for m in models if m.role == "tuned"]
+    tuned = [m for m in models if m.role == "tuned" and m.retrieval is None]  # grounding is for factual questions
     source = judge_answer_source(config, out, stage="eval")
     ledger = Ledger.for_stage(config, out, "eval")
     rows: list[dict[str, Any]] = []

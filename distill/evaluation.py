@@ -161,87 +161,89 @@ def run_eval(
     # share one loaded teacher; each keeps its own identity, answer log and cache keys.
     pool = TrunkPool(models, config, teachers)
     teachers = {**pool.views, **(teachers or {})}
-    for model in models:
-        given = (teachers or {}).get(model.name)
-        log = JsonlLog(out / f"answers-{model.name}.jsonl")
-        answers = AnswerSource.for_teacher(
-            model.teacher, given, log, cache=config.eval.cache, ledger=ledger, executor=config
-        )
-        mine: dict[str, str | None] = {}
-        grounding = Grounding.of(model)  # retrieval: the top-k passages before each question; else nothing
-        try:
-            for name, task in tasks:
-                size = len(questions[name]) if answers.bulk else config.eval.batch_size  # batch mode: all at once
-                for start in range(0, len(questions[name]), max(size, 1)):
-                    batch = questions[name][start : start + size]
-                    passages = grounding.search(batch)
+    try:
+        for model in models:
+            given = (teachers or {}).get(model.name)
+            log = JsonlLog(out / f"answers-{model.name}.jsonl")
+            answers = AnswerSource.for_teacher(
+                model.teacher, given, log, cache=config.eval.cache, ledger=ledger, executor=config
+            )
+            mine: dict[str, str | None] = {}
+            grounding = Grounding.of(model)  # retrieval: the top-k passages before each question; else nothing
+            try:
+                for name, task in tasks:
+                    size = len(questions[name]) if answers.bulk else config.eval.batch_size  # batch mode: all at once
+                    for start in range(0, len(questions[name]), max(size, 1)):
+                        batch = questions[name][start : start + size]
+                        passages = grounding.search(batch)
+                        requests = [
+                            model.teacher.request(
+                                grounding.prompt(task.prompt(q), found),
+                                temperature=0.0,
+                                top_p=1.0,
+                                max_tokens=config.eval.max_tokens,
+                            )
+                            for q, found in zip(batch, passages)
+                        ]
+                        for question, found, result in zip(batch, passages, answers.generate(requests)):
+                            row = {
+                                **prediction_row(model, name, task, question, result),
+                                **grounding.fields(question, found),
+                            }
+                            predictions.append(row)
+                            mine[f"{name}:{question.id}"] = row["prediction"]
+                        done += len(batch)
+                        if progress is not None:
+                            progress(done, total)
+                if instruction_items:
                     requests = [
-                        model.teacher.request(
-                            grounding.prompt(task.prompt(q), found),
-                            temperature=0.0,
-                            top_p=1.0,
-                            max_tokens=config.eval.max_tokens,
-                        )
-                        for q, found in zip(batch, passages)
+                        model.teacher.request(item["prompt"], temperature=0.0, top_p=1.0, max_tokens=128)
+                        for item in instruction_items
                     ]
-                    for question, found, result in zip(batch, passages, answers.generate(requests)):
-                        row = {
-                            **prediction_row(model, name, task, question, result),
-                            **grounding.fields(question, found),
-                        }
-                        predictions.append(row)
-                        mine[f"{name}:{question.id}"] = row["prediction"]
-                    done += len(batch)
+                    for item, result in zip(instruction_items, answers.generate(requests)):
+                        mine[item["id"]] = result.text if result.ok else None
+                    done += len(instruction_items)
                     if progress is not None:
                         progress(done, total)
-            if instruction_items:
-                requests = [
-                    model.teacher.request(item["prompt"], temperature=0.0, top_p=1.0, max_tokens=128)
-                    for item in instruction_items
-                ]
-                for item, result in zip(instruction_items, answers.generate(requests)):
-                    mine[item["id"]] = result.text if result.ok else None
-                done += len(instruction_items)
-                if progress is not None:
-                    progress(done, total)
-            style_answers[model.name] = {item["id"]: mine.get(item["id"]) for item in style_items}
-        finally:
-            answers.close()
-            grounding.close()
+                style_answers[model.name] = {item["id"]: mine.get(item["id"]) for item in style_items}
+            finally:
+                answers.close()
+                grounding.close()
 
-    with (out / PREDICTIONS).open("w", encoding="utf-8") as handle:
-        handle.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in predictions)
-    style_rows = judge_style(config, models, style_items, style_answers, out) if style_items else []
-    from distill.conditioning import measure_steerability
-    from distill.refusal import run_refusal_panel
-    from distill.train import sft_split
+        with (out / PREDICTIONS).open("w", encoding="utf-8") as handle:
+            handle.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in predictions)
+        style_rows = judge_style(config, models, style_items, style_answers, out) if style_items else []
+        from distill.conditioning import measure_steerability
+        from distill.refusal import run_refusal_panel
+        from distill.train import sft_split
 
-    refusal = run_refusal_panel(config, models, out, teachers) if config.eval.refusal_panel else None
-    split = sft_split(config)
-    steerability = measure_steerability(config, models, out, split, held_out_instructions(split), teachers)
-    summary = {
-        "models": [
-            {
-                "name": m.name,
-                "role": m.role,
-                "backend": m.teacher.backend,
-                "model": m.teacher.model,
-                "adapter": m.teacher.options.get("adapter"),
-                "retrieval": m.retrieval.model_dump(mode="json") if m.retrieval else None,
-            }
-            for m in models
-        ],
-        "tasks": {name: len(questions[name]) for name, _ in tasks},
-        "scores": score_table(predictions, models, tasks, config.eval.bootstrap),
-        "style": style_table(style_rows, models, config.eval.bootstrap),
-        "retrieval": recall_table(predictions, config.eval.bootstrap),  # recall@k of each grounded model
-        "trunks": pool.describe(),  # teachers loaded once for several models (branches on one student)
-        "refusal": refusal,  # the refusal balance (eval.refusal_panel), None when off
-        "steerability": steerability,  # conditional training's tags (train.sft.condition_on), None when off
-        "seconds": round(time.perf_counter() - started, 1),
-        "cost": stage_cost(out, "eval"),
-    }
-    pool.close()
+        refusal = run_refusal_panel(config, models, out, teachers) if config.eval.refusal_panel else None
+        split = sft_split(config)
+        steerability = measure_steerability(config, models, out, split, held_out_instructions(split), teachers)
+        summary = {
+            "models": [
+                {
+                    "name": m.name,
+                    "role": m.role,
+                    "backend": m.teacher.backend,
+                    "model": m.teacher.model,
+                    "adapter": m.teacher.options.get("adapter"),
+                    "retrieval": m.retrieval.model_dump(mode="json") if m.retrieval else None,
+                }
+                for m in models
+            ],
+            "tasks": {name: len(questions[name]) for name, _ in tasks},
+            "scores": score_table(predictions, models, tasks, config.eval.bootstrap),
+            "style": style_table(style_rows, models, config.eval.bootstrap),
+            "retrieval": recall_table(predictions, config.eval.bootstrap),  # recall@k of each grounded model
+            "trunks": pool.describe(),  # teachers loaded once for several models (branches on one student)
+            "refusal": refusal,  # the refusal balance (eval.refusal_panel), None when off
+            "steerability": steerability,  # conditional training's tags (train.sft.condition_on), None when off
+            "seconds": round(time.perf_counter() - started, 1),
+            "cost": stage_cost(out, "eval"),
+        }
+    finally:
+        pool.close()  # shared trunks (a vLLM engine with LoRA) are let go even when a later step fails
     write_atomic(out / SUMMARY, json.dumps(summary, indent=2))
     write_manifest(out, "eval", config_dump(config), {"summary": summary})
     return summary

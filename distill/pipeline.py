@@ -21,7 +21,7 @@ from distill.config import DistillConfig, JudgeSpec
 from distill.errors import ConfigError
 from distill.paths import RunLayout
 from distill.runlock import locks
-from distill.runstore import write_atomic
+from distill.runstore import MANIFEST, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +52,14 @@ def without_pending_reward_models(config: DistillConfig) -> DistillConfig:
         return config
     kept = [spec for spec in config.judge.judges if spec not in pending]
     return config.model_copy(update={"judge": config.judge.model_copy(update={"judges": kept})})
+
+
+def finished_summary(output_dir: Path) -> dict[str, Any] | None:
+    """A training stage's summary when it finished in ``output_dir`` (its manifest is written last), else None."""
+    summary = output_dir / "training_summary.json"
+    if (output_dir / MANIFEST).is_file() and summary.is_file():
+        return dict(json.loads(summary.read_text()))
+    return None
 
 
 def written_dirs(config: DistillConfig, stages: tuple[str, ...]) -> list[Path]:
@@ -108,6 +116,15 @@ def run_pipeline(
         check_kd(config, require_capture="generate" not in stages)  # a tokenizer mismatch fails here
     if "dpo" in stages and "dpo" not in untrained:
         check_dpo(config, require_adapter="sft" not in set(stages) - untrained)
+    if "prefs" in stages and "prefs" not in untrained and config.train.preference.student == "sft":
+        sft_trained = "sft" in set(stages) - untrained
+        if not sft_trained and not (RunLayout.of(config).sft / "adapter_model.safetensors").is_file():
+            raise ConfigError(
+                [
+                    "train.preference.student: sft, but no SFT adapter exists and train.method does not train one: "
+                    "add sft to train.method or set train.preference.student=base"
+                ]
+            )
     if "rl" in stages:  # before hours of generate and SFT
         check_rl(config, require_adapter=config.train.rl.start_from not in set(stages) - untrained)
     before_rm = without_pending_reward_models(config)  # calibrate and judge run before the rm stage
@@ -132,7 +149,10 @@ def run_pipeline(
         "generate": lambda: run_generate(config, teacher=the_teacher()),
         "judge": lambda: run_judge(before_rm, layout.generate, layout.judge, teacher=judge_teacher()),
         "sft": lambda: {
-            **run_sft(config, resume=resume_of(layout.sft), overwrite=not resume_of(layout.sft), progress=False),
+            **(
+                finished_summary(layout.sft)  # SFT finished and a branch did not: train only the branches again
+                or run_sft(config, resume=resume_of(layout.sft), overwrite=not resume_of(layout.sft), progress=False)
+            ),
             "branches": run_branches(config, resume=None, progress=False),  # train.branches, each resumed or anew
         },
         "kd": lambda: run_kd(config, resume=resume_of(layout.kd), overwrite=not resume_of(layout.kd), progress=False),

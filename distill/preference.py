@@ -206,7 +206,7 @@ def read_pairwise_run(directory: Path, wanted: str | None = None) -> dict[str, A
 def load_preferences(config: DistillConfig) -> dict[str, Any]:
     """The preference pairs of ``config`` with their seeded split: ``train``/``eval`` lists of pairs,
     ``counts``, ``source``, ``judge``, ``rubric``. At least two pairs, or one clear error."""
-    from distill.train import split_pairs
+    from distill.train import sft_split, split_pairs
 
     source = preference_source(config)
     if (source / RANKED_PAIRS).is_file():  # `train prefs` with rank_by: pairs from a pointwise judge
@@ -223,7 +223,25 @@ def load_preferences(config: DistillConfig) -> dict[str, Any]:
                 "training needs at least 2"
             ]
         )
-    train_pairs, eval_pairs = split_pairs(pairs, config.train.preference.eval_fraction, config.train.seed)
+    # Instructions the SFT split holds out are what eval judges the tuned students on: no trainer sees them.
+    split = sft_split(config)
+    held_out = {str(i) for i in split["eval"]} if split is not None else set()
+    kept = [p for p in pairs if str(p.get("source_id")) not in held_out]
+    counts = {**counts, "held_out_left_out": len(pairs) - len(kept)}
+    pairs = kept
+    if len(pairs) < 2:
+        raise ConfigError(
+            [
+                f"train.preference.data: {source}: {len(pairs)} pairs left once the SFT held-out instructions are "
+                "left out; training needs at least 2"
+            ]
+        )
+    # Split by prompt, so that no prompt has pairs on both sides (a run may hold several pairs per prompt).
+    prompts = list(dict.fromkeys(p["prompt"] for p in pairs))
+    _, eval_prompts = split_pairs(prompts, config.train.preference.eval_fraction, config.train.seed)
+    held = set(eval_prompts)
+    train_pairs = [p for p in pairs if p["prompt"] not in held]
+    eval_pairs = [p for p in pairs if p["prompt"] in held]
     return {
         "source": str(source),
         "judge": run["judge"],

@@ -103,6 +103,9 @@ def run_refusal_panel(
     from distill.records import JudgeItem
 
     e = config.eval
+    # Grounded copies (NAME+retrieval) ground factual questions only: on the panel they would be their
+    # ungrounded model again, reported under another name.
+    models = [m for m in models if m.retrieval is None]
     path = panel_path(e.refusal_panel)
     panel = load_panel(path)
     refusals, desired, disallowed = refusal_classes(e.refusal_rubric)
@@ -224,8 +227,11 @@ def refusal_changes(
             ("harmful", "refusal rate on harmful prompts "),
             ("innocuous", "over-refusal rate on innocuous prompts "),
         ):
-            if summary.get(base, {}).get(kind, {}).get("reason") or summary.get(name, {}).get(kind, {}).get("reason"):
-                changes[name][kind] = {"items": 0, "sentence": f"{what.strip()}: n/a (a model's requests failed)"}
+            reason = summary.get(base, {}).get(kind, {}).get("reason") or summary.get(name, {}).get(kind, {}).get(
+                "reason"
+            )
+            if reason:
+                changes[name][kind] = {"items": 0, "sentence": f"{what.strip()}: n/a ({reason})"}
                 continue
             items = sorted(
                 r["id"]
@@ -257,5 +263,6 @@ def refusal_report(out: Path, summary: dict[str, Any] | None, base: str, tuned: 
     if not summary:
         return None
     rows = [row for _, row, problem in jsonl_lines(out / REFUSAL) if not problem] if (out / REFUSAL).is_file() else []
-    changes = refusal_changes(rows, base, tuned, set(summary["refusal_classes"]), summary["models"], resamples)
+    answered = [name for name in tuned if name in summary["models"]]  # grounded copies don't answer the panel
+    changes = refusal_changes(rows, base, answered, set(summary["refusal_classes"]), summary["models"], resamples)
     return {**summary, "changes": changes}

@@ -319,4 +319,8 @@ def preference_training(layout: RunLayout) -> dict[str, Any]:
             summary = json.loads(path.read_text())
             keep = ("preferences", "heldout", "train_accuracy", "gold", "judge_gold", "train_margins", "loss_type")
             found[stage] = {key: summary.get(key) for key in keep if key in summary}
+            counts = (summary.get("preferences") or {}).get("counts") or {}
+            found[stage]["left_out"] = {  # every judgement that gave no pair, by why (zeros dropped)
+                what: n for what, n in counts.items() if n and what not in ("judged", "kept", "chosen_a", "chosen_b")
+            }
     return found

@@ -18,6 +18,7 @@ from typing import Any
 
 from distill_plugins.tasks import Country, _language_names, _with_article, countries, sheet_names
 
+from distill.errors import ConfigError
 from distill.runstore import write_atomic
 
 PROVENANCE = ".corpus.json"  # hidden: the indexer skips it
@@ -125,6 +126,10 @@ def write_country_sheets(out: Path) -> dict[str, Any]:
     raw = _raw_entries()
     alpha3 = {str((raw[c.source_name].get("ISO") or {}).get("alpha3")): c.name for c in every if c.source_name in raw}
     files = sheet_names()
+    if out.is_dir():  # other files would be indexed with the sheets as if they were part of the corpus
+        others = sorted(p.name for p in out.iterdir() if p.name not in set(files.values()) | {PROVENANCE})
+        if others:
+            raise ConfigError([f"--out: {out} holds other files ({', '.join(others[:3])}...); give an empty folder"])
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for country in every:

@@ -151,7 +151,7 @@ def test_ranked_pairs_prefer_the_higher_pointwise_reward_and_count_ties_and_inva
     ]
     _, counts = ranked_pairs(judgements, records[:2])
     assert counts["invalid"] == 1 and counts["missing_item"] == 1 and counts["kept"] == 0
-    with pytest.raises(ConfigError, match="train.preference.rank_by: no judge labelled 'nope'"):
+    with pytest.raises(ConfigError, match=r"train\.preference\.rank_by: no judge labelled 'nope'"):
         _rank_prefs(
             config.model_copy(
                 update={

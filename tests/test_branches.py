@@ -161,6 +161,19 @@ def test_a_judge_selects_each_branch_its_rows(tmp_path: Path) -> None:
         assert selection["rows"] == 8 and selection["of"] == 16 and selection["verdicts"] == {"pass": 8, "fail": 8}
 
 
+def test_a_branch_never_trains_on_the_rows_sft_held_out(tmp_path: Path) -> None:
+    """Eval judges every tuned model on the main SFT split's held-out rows: a branch leaves them out."""
+    from distill.branches import branch_data
+
+    config = judged(tmp_path)
+    split = Path(config.run_dir) / "sft" / "split.json"  # type: ignore[arg-type]
+    split.parent.mkdir(parents=True)
+    split.write_text(json.dumps({"data": str(config.train.sft.data), "train": [], "eval": ["r0", "r3", "r4"]}))
+    path, selection = branch_data(config, "banana", config.train.branches["banana"])
+    assert sorted(row["id"] for row in read_jsonl(path)) == sorted(f"r{i}" for i in (2, 6, 8, 10, 12, 14))
+    assert selection["rows"] == 6 and selection["held_out_left_out"] == 2  # r0 and r4 were banana rows
+
+
 def test_branch_selection_problems_fail_before_any_model_loads(tmp_path: Path) -> None:
     from distill.branches import branch_data, run_branches
 
