@@ -19,6 +19,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
 from distill.ledger import Ledger, Pricing
 from distill.paths import distill_home
 from distill.records import ChatRequest, ChatResult
@@ -52,7 +54,13 @@ class RequestCache:
 
     def get(self, key: str) -> ChatResult | None:
         row = self.db.execute("SELECT result FROM cached_answers WHERE key = ?", (key,)).fetchone()
-        return ChatResult.model_validate_json(row[0]) if row else None
+        if row is None:
+            return None
+        try:
+            return ChatResult.model_validate_json(row[0])
+        except ValidationError:  # written by an older distill (e.g. -inf logprobs as null): ask again
+            log.warning("request cache %s: an unreadable entry is asked again", self.path)
+            return None
 
     def put_many(self, items: list[tuple[str, ChatResult]]) -> None:
         now = datetime.now(timezone.utc).isoformat()

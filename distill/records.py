@@ -12,7 +12,9 @@ Role = Literal["system", "user", "assistant"]
 
 
 class Record(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # -inf is a real logprob (a token constrained decoding rules out): JSON keeps it as -Infinity,
+    # which reads back, instead of pydantic's default null, which does not.
+    model_config = ConfigDict(extra="forbid", ser_json_inf_nan="constants")
 
 
 def user_prompt(instruction: str, input: str = "") -> str:

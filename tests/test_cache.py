@@ -172,3 +172,21 @@ def test_a_rerun_with_another_teacher_never_replays_the_old_answers(scripted: di
     assert evaluate("four") == 1.0  # not the first model's "5" replayed from answers-base.jsonl
     log = [json.loads(line) for line in (tmp_path / "run" / "eval" / "answers-base.jsonl").read_text().splitlines()]
     assert [row["result"]["texts"] for row in log] == [["5"], ["4"]] and len({row["teacher"] for row in log}) == 2
+
+
+def test_minus_infinity_logprobs_survive_the_cache_and_old_unreadable_entries_are_asked_again(tmp_path: Path) -> None:
+    """Constrained decoding gives ruled-out tokens a logprob of -inf (vLLM's top alternatives of a
+    rubric verdict). Such an answer must read back from the cache; an entry an older distill wrote
+    with null in its place is a miss, not a crash of every later run."""
+    from distill.records import TokenLogprob
+
+    store = RequestCache(tmp_path / "requests.sqlite")
+    logprob = TokenLogprob(token="A", logprob=0.0, top={"A": 0.0, "B": float("-inf")}, id=1, top_ids={1: 0.0, 2: -1e9})
+    result = ChatResult(request_id="r", backend="vllm", model="m", texts=["A"], logprobs=[[logprob]])
+    store.put_many([("k", result)])
+    again = store.get("k")
+    assert again is not None and again.logprobs is not None
+    assert again.logprobs[0][0].top == {"A": 0.0, "B": float("-inf")}
+    old = result.model_dump_json().replace("-Infinity", "null")  # what pydantic's default wrote before
+    store.db.execute("UPDATE cached_answers SET result = ? WHERE key = 'k'", (old,))
+    assert store.get("k") is None
