@@ -668,8 +668,9 @@ def train_prefs(
     """Preference pairs for `train rm` and `train dpo`: the teacher's answer vs the student's own.
 
     The student (its SFT adapter, or the base: train.preference.student) answers every held-in
-    instruction; the pairwise style judge compares both answers in both orders. Writes a pairwise
-    judge run into RUN_DIR/preferences (resumable: answers and verdicts are logged and cached).
+    instruction; the pairwise style judge compares both answers in both orders (or, with
+    train.preference.rank_by, a pointwise judge scores each answer and the higher reward wins). Writes
+    a judge run into RUN_DIR/preferences (resumable: answers and verdicts are logged and cached).
     Any other pairwise run works too: `distill judge pairs.jsonl --type pairwise --run-dir DIR`,
     then train.preference.data=DIR.
 
@@ -700,7 +701,8 @@ def train_rm(
     """A reward model from the judge's comparisons (TRL RewardTrainer, LoRA + a scalar head).
 
     Pairs: the position-consistent A/B verdicts of a pairwise judge run (train.preference.data, default
-    RUN_DIR/preferences); ties and order-dependent verdicts are left out and counted. Reports held-out
+    RUN_DIR/preferences), or the ranked pairs of `train prefs` with train.preference.rank_by; ties,
+    order-dependent and invalid verdicts are left out and counted. Reports held-out
     pairwise accuracy against the judge (95% interval) and agreement with the rubric's gold pairs.
     Use it as a reward: judge.judges: [{type: reward_model, options: {path: RUN_DIR/rm}}].
 
