@@ -52,14 +52,15 @@ def self_instruct(body: dict[str, Any], number: int) -> dict[str, Any]:
 
 
 class StubServer:
-    """``StubServer(reply, delay_s).start()``; ``url`` ends in /v1; ``times`` and ``prompts`` list
-    every request in arrival order; ``stop()`` shuts it down."""
+    """``StubServer(reply, delay_s).start()``; ``url`` ends in /v1; ``times``, ``prompts`` and
+    ``client_ports`` list every request in arrival order; ``stop()`` shuts it down."""
 
     def __init__(self, reply: Reply = echo, delay_s: float = 0.0):
         self.reply = reply
         self.delay_s = delay_s
         self.times: list[float] = []  # time.monotonic() of each arrival
         self.prompts: list[str] = []  # first user message of each request
+        self.client_ports: list[int] = []  # the sender's TCP port of each request (which process sent it)
         self.lock = threading.Lock()
         stub = self
 
@@ -70,6 +71,7 @@ class StubServer:
                 with stub.lock:
                     stub.times.append(arrived)
                     stub.prompts.append(body["messages"][0]["content"])
+                    stub.client_ports.append(self.client_address[1])
                     number = len(stub.times)
                 if stub.delay_s:
                     time.sleep(stub.delay_s)
@@ -104,6 +106,7 @@ class StubServer:
         with self.lock:
             self.times.clear()
             self.prompts.clear()
+            self.client_ports.clear()
 
     def stop(self) -> None:
         self.httpd.shutdown()

@@ -29,6 +29,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 
 from distill.config import DistillConfig, TeacherConfig, load_config
@@ -365,7 +366,14 @@ def test_a_replica_killed_mid_batch_is_restarted_and_its_requests_answered_once(
             killed_pid = local_ray.get(first.ready.remote())["pid"]
 
             def kill_when_busy() -> None:
-                while len(server.times) < 1:
+                # Only once a request of *this* replica is at the server (the other replica's may arrive
+                # first under load): matched by the sender's port among the replica process's sockets.
+                replica = psutil.Process(killed_pid)
+                while True:
+                    with server.lock:
+                        sent = set(server.client_ports)
+                    if sent & {c.laddr.port for c in replica.net_connections(kind="tcp")}:
+                        break
                     time.sleep(0.01)
                 local_ray.kill(first, no_restart=False)  # Ray restarts it; its chunk must go elsewhere
 
